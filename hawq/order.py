@@ -28,7 +28,7 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from hawq.quant import quantize_weight
+from hawq.quantizers import quantize_weight
 
 logger = logging.getLogger(__name__)
 
@@ -197,8 +197,8 @@ class OrderConfig:
             raise ValueError(
                 f"sensitivity must be one of {SENSITIVITY_MODES}, got {self.sensitivity!r}"
             )
-        if self.percentile is not None and not 50.0 < self.percentile <= 100.0:
-            raise ValueError(f"percentile must be in (50, 100] or None, got {self.percentile}")
+        if self.percentile is not None and not 0.0 < self.percentile <= 100.0:
+            raise ValueError(f"percentile must be in (0, 100] or None, got {self.percentile}")
 
 
 @dataclass(frozen=True)
@@ -264,21 +264,14 @@ def finetune_order(
     ``sensitivity="eigenvalue"``, s_i = lambda_i as in the paper.
     """
     config = config or OrderConfig()
-    records = [r for r in block_records(table) if r.block in bits]
-    unknown = set(bits) - {r.block for r in block_records(table)}
+    all_records = block_records(table)
+    unknown = set(bits) - {r.block for r in all_records}
     if unknown:
         raise ValueError(f"bits name blocks not in the sensitivity table: {sorted(unknown)}")
+    records = [r for r in all_records if r.block in bits]
     if not records:
         raise ValueError("bits assigns no block of the sensitivity table")
-    scale = omega_scale(records, config.sensitivity)
-    omega = []
-    for r, s in zip(records, scale, strict=True):
-        pert = perturbation_matrix(
-            model,
-            [r.modules],
-            [bits[r.block]],
-            per_channel=config.per_channel,
-            percentile=config.percentile,
-        )
-        omega.append(float(s * pert[0, 0]))
+    kw = {"per_channel": config.per_channel, "percentile": config.percentile}
+    pert = [perturbation_matrix(model, [r.modules], [bits[r.block]], **kw)[0, 0] for r in records]
+    omega = omega_scale(records, config.sensitivity) * np.array(pert)
     return order_blocks([r.block for r in records], [r.modules for r in records], omega, config)

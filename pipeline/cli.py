@@ -1,1 +1,175 @@
-def main():\n    pass
+"""The ``hawq`` command: run, resume, status, report, export.
+
+Exit codes: 0 ok; 2 bad input (config, data, checkpoint, run dir, arguments), with a one-line
+message on stderr that names the problem and the fix; 1 an unexpected error (traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+log = logging.getLogger("hawq")
+
+EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hawq",
+        description="Hessian-aware mixed-precision quantization pipeline.",
+        epilog="Example: hawq run configs/quickstart.yaml && hawq report runs/quickstart",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bars")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("run", help="run (or continue) the pipeline for a config")
+    r.add_argument("config", help="YAML config file")
+    r.add_argument("--run-dir", help="run directory (default: run.run_dir or runs/<run.name>)")
+    r.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set allocation.compression=8 (repeatable)",
+    )
+    r.add_argument("--until", metavar="STAGE", help="stop after this stage")
+
+    r = sub.add_parser("resume", help="continue a run from its run dir")
+    r.add_argument("run_dir")
+    r.add_argument("--until", metavar="STAGE", help="stop after this stage")
+
+    r = sub.add_parser("status", help="stages done / running / pending, and what runs next")
+    r.add_argument("run_dir")
+
+    r = sub.add_parser("report", help="tables on the terminal and PNG plots")
+    r.add_argument("run_dir")
+    r.add_argument("--out", help="folder for the PNGs (default: RUN_DIR/report)")
+
+    r = sub.add_parser("export", help="finish the run through export; copy the integer model")
+    r.add_argument("run_dir")
+    r.add_argument("--out", help="folder to copy the exported files to")
+    return p
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+def _check_until(until: str | None) -> None:
+    from pipeline.stages import STAGES
+
+    names = [s.name for s in STAGES]
+    if until is not None and until not in names:
+        raise _BadArgs(f"--until {until!r} is not a stage. Fix: use one of {', '.join(names)}.")
+
+
+class _BadArgs(ValueError):
+    pass
+
+
+def _print_outcome(outcome) -> None:
+    from pipeline.report import format_table
+
+    rows = []
+    for p in outcome.plan:
+        ran = p.action == "skip" or p.stage in outcome.seconds
+        action, why = (p.action, p.reason) if ran else ("pending", "stopped before (--until)")
+        rows.append([p.stage, action, outcome.seconds.get(p.stage), p.key, why])
+    headers = ["stage", "action", "seconds", "key", "why"]
+    print(format_table(f"Run {outcome.run_dir}", headers, rows))
+    print(f"\nNext: hawq report {outcome.run_dir}")
+
+
+def _cmd_status(run_dir: str) -> None:
+    from pipeline.report import format_table
+    from pipeline.scheduler import status
+
+    rows, nxt = status(run_dir)
+    table = [[r.stage, r.state, r.progress, r.seconds, r.summary] for r in rows]
+    print(format_table(f"Run {run_dir}", ["stage", "state", "progress", "seconds", "what"], table))
+    running = [r for r in rows if r.state == "running"]
+    if running:
+        print(f"\nrunning: {running[0].stage}")
+    print(f"next: {nxt}" if nxt else "\nall stages done")
+
+
+def _cmd_export(run_dir: str, out: str | None, progress: bool) -> None:
+    from pipeline.atomic import atomic_write_bytes, read_parquet
+    from pipeline.report import format_table
+    from pipeline.scheduler import resume
+    from pipeline.store import RunStore
+
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise _BadArgs(f"--out {out} is a file. Fix: pass a folder.")
+    resume(run_dir, progress=progress, until="export")
+    store = RunStore(Path(run_dir))
+    files = sorted(p for p in store.stage_files("export") if p.name != "progress.json")
+    layers = read_parquet(store.stage_dir("export") / "layers.parquet").to_pylist()
+    rows = [[r["module"], r["weight_bits"], r["act_bits"], r["n_weights"], r["weight_bytes"]]
+            for r in layers]  # fmt: skip
+    print(format_table("Exported layers", ["module", "w bits", "a bits", "weights", "bytes"], rows))
+    if out is not None:
+        dest = Path(out)
+        for f in files:
+            atomic_write_bytes(dest / f.name, f.read_bytes())
+        files = [dest / f.name for f in files]
+    print("\n" + "\n".join(str(f) for f in files))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``hawq`` console script."""
+    args = _parser().parse_args(argv)
+    _setup_logging(args.quiet)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    from pipeline.atomic import StoreError
+    from pipeline.config import ConfigError
+
+    progress = not args.quiet and sys.stderr.isatty()
+    t0 = time.perf_counter()
+    try:
+        if args.command == "run":
+            from pipeline.config import load_config
+            from pipeline.scheduler import run
+
+            _check_until(args.until)
+            cfg = load_config(args.config, args.overrides)
+            _print_outcome(run(cfg, args.run_dir, progress=progress, until=args.until))
+        elif args.command == "resume":
+            from pipeline.scheduler import resume
+
+            _check_until(args.until)
+            _print_outcome(resume(args.run_dir, progress=progress, until=args.until))
+        elif args.command == "status":
+            _cmd_status(args.run_dir)
+        elif args.command == "report":
+            from pipeline.report import report
+            from pipeline.scheduler import load_run_config
+
+            load_run_config(args.run_dir)  # a clear error for a wrong path
+            print(report(args.run_dir, args.out))
+        elif args.command == "export":
+            _cmd_export(args.run_dir, args.out, progress)
+    except (ConfigError, StoreError, _BadArgs) as exc:
+        print(f"hawq: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("hawq: interrupted; continue with `hawq resume RUN_DIR`", file=sys.stderr)
+        return 130
+    log.info("%s finished in %.1fs", args.command, time.perf_counter() - t0)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Ray Hessian backend against the local backend on CIFAR ResNet-20 (pretrained, real images).
+
+Prints one table from one run of this script:
+  * Ray with 1 actor x 1 thread against the local backend (1 thread): the backend's overhead
+    (target <= 10%); warm = actors already started and the job reloaded (a second ``run``),
+    cold = the first ``run`` of a fresh backend, actor start-up included;
+  * 2 actors x 1 thread (as 2 data shards, and as 2 block groups) against 1 actor x 2 threads;
+  * bytes the driver ``ray.get``s per run and per Hessian-vector product, against the bytes of
+    one parameter vector (what a driver-side sum of HVPs would move per actor and iteration).
+Work is fixed (Lanczos to ``--tol``, exactly ``--probes`` Hutchinson probes), so all rows do the
+same HVPs; times are the minimum over ``--reps`` warm runs. On a shared machine, compare ratios.
+
+    python benchmarks/ray_bench.py [--data ../shared/data/cifar10] [--batches 3] [--batch 32]
+        [--probes 6] [--reps 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import ray  # noqa: E402
+
+from hawq.blocks import partition_blocks  # noqa: E402
+from hawq.models.resnet_cifar import cifar_resnet, load_cifar_checkpoint  # noqa: E402
+from hawq.sensitivity import HessianConfig  # noqa: E402
+from pipeline.backends.base import HessianJob  # noqa: E402
+from pipeline.backends.local import LocalBackend  # noqa: E402
+from pipeline.backends.ray import RayBackend, RayBackendConfig  # noqa: E402
+
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+def make_job(args: argparse.Namespace) -> HessianJob:
+    data = Path(args.data)
+    model = load_cifar_checkpoint(cifar_resnet(20), data / "resnet20-12fca82f.th")
+    arrays = np.load(data / "cifar10_subset.npz")
+    n = args.batches * args.batch
+    x = (torch.from_numpy(arrays["xtr"][:n]).float() / 255.0 - MEAN) / STD
+    y = torch.from_numpy(arrays["ytr"][:n]).long()
+    config = HessianConfig(
+        method="lanczos",
+        tol=args.tol,
+        trace_min_probes=args.probes,
+        trace_max_probes=args.probes,
+        seed=0,
+    )
+    return HessianJob(
+        build_model=functools.partial(cifar_resnet, 20),
+        state_dict=model.state_dict(),
+        loss_fn=F.cross_entropy,
+        batches=list(zip(x.split(args.batch), y.split(args.batch), strict=True)),
+        blocks=partition_blocks(model),
+        config=config,
+        dtype=torch.float32,
+    )
+
+
+def timed(backend, job: HessianJob, reps: int) -> tuple[float, float, object]:
+    """(first run seconds, min over ``reps`` further runs, last table)."""
+    t0 = time.perf_counter()
+    table = backend.run(job, progress=False)
+    cold = time.perf_counter() - t0
+    warm = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        table = backend.run(job, progress=False)
+        warm.append(time.perf_counter() - t0)
+    return cold, min(warm), table
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default="../shared/data/cifar10")
+    p.add_argument("--batches", type=int, default=3)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--tol", type=float, default=1e-3)
+    p.add_argument("--probes", type=int, default=6)
+    p.add_argument("--reps", type=int, default=2)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(1)
+    job = make_job(args)
+    n_params = sum(b.n_params for b in job.blocks)
+    print(
+        f"ResNet-20, {len(job.blocks)} blocks, {n_params} block parameters, "
+        f"{args.batches} batches x {args.batch} images, {args.probes} probes, tol {args.tol}"
+    )
+
+    cold, local, ref = timed(LocalBackend(), job, args.reps)
+    hvps = sum(ref.column("hvps").to_pylist()) + args.probes
+    print(f"local backend (1 thread): {local:.2f}s warm, {cold:.2f}s first; {hvps} HVPs")
+
+    ray.init(address="local", num_cpus=2, object_store_memory=256 * 2**20, include_dashboard=False)
+    grids = {
+        "1 actor x 1 thread": dict(cpus_per_actor=1, torch_threads=1),
+        "1 actor x 2 threads": dict(cpus_per_actor=2, torch_threads=2),
+        "2 actors x 1 thread (2 shards)": dict(data_shards=2, cpus_per_actor=1),
+        "2 actors x 1 thread (2 groups)": dict(block_groups=2, cpus_per_actor=1),
+    }
+    rows = []
+    for name, kw in grids.items():
+        backend = RayBackend(RayBackendConfig(**kw))
+        try:
+            cold, warm, table = timed(backend, job, args.reps)
+        finally:
+            backend.close()
+        drift = max(
+            abs(a - b) / abs(b)
+            for a, b in zip(table.column("eigenvalue").to_pylist(),
+                            ref.column("eigenvalue").to_pylist(), strict=True)
+        )  # fmt: skip
+        rows.append((name, cold, warm, dict(backend.stats), drift))
+    ray.shutdown()
+
+    base = {name: warm for name, _, warm, _, _ in rows}
+    print(f"\n{'configuration':32s} {'first s':>8s} {'warm s':>8s} {'vs local':>9s} "
+          f"{'vs 1x2thr':>9s} {'max rel eig diff':>17s}")  # fmt: skip
+    for name, cold, warm, _, drift in rows:
+        print(f"{name:32s} {cold:8.2f} {warm:8.2f} {warm / local:9.3f} "
+              f"{warm / base['1 actor x 2 threads']:9.3f} {drift:17.2e}")  # fmt: skip
+    print(f"\n{'configuration':32s} {'bytes/run':>10s} {'bytes/HVP':>10s} {'vector B':>10s} "
+          f"{'ratio':>9s}")  # fmt: skip
+    vector = 4 * n_params  # one float32 parameter vector
+    for name, _, _, stats, _ in rows:
+        per_hvp = stats["bytes_to_driver"] / hvps
+        print(f"{name:32s} {stats['bytes_to_driver']:10d} {per_hvp:10.1f} {vector:10d} "
+              f"{per_hvp / vector:9.2e}")  # fmt: skip
+    overhead = base["1 actor x 1 thread"] / local - 1
+    print(f"\nRay 1-actor overhead vs local (warm): {100 * overhead:+.1f}% (target <= +10%)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,392 @@
+"""Hessian-aware bit allocation: the HAWQ v1 rule, the ILP (PuLP/CBC), the Pareto frontier.
+
+Blocks i (rows of the ``hawq.sensitivity`` table) with n_i quantized weights get weight bits
+b_i from a candidate set, minimising sum_i Omega_i(b_i), Omega_i(b) = s_i ||Q_b(W_i) - W_i||^2
+(s_i = lambda_i for ``sensitivity="eigenvalue"``, Tr(H_i)/n_i for ``"trace"``; see
+``hawq.order``), subject to limits on size and BOPs; ties and pins restrict the choice.
+
+Size model: size(b) = F + sum_i n_i b_i / 8 bytes, where n_i counts the Conv/Linear
+``weight`` elements of block i and F the float32 bytes that do not depend on the bits
+(biases, BN, scales, unquantized layers), taken from ``hawq.size``. MB = 2^20 bytes.
+Weight compression counts the blocks' weights only: 32 sum_i n_i / sum_i n_i b_i.
+BOPs of block i at b bits: MACs_i * b * act_bits (summed over the blocks).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import nn
+
+from hawq.bitconfig import REGEX_PREFIX, BitConfig, LayerBits
+from hawq.bitsolve import (
+    METHODS,
+    InfeasibleAllocation,
+    Problem,
+    expand_units,
+    pareto_frontier,
+    solve,
+)
+from hawq.order import (
+    SENSITIVITY_MODES,
+    BlockRecord,
+    block_records,
+    block_weights,
+    omega_matrix,
+    sensitivity,
+)
+from hawq.size import layer_costs, model_size_bytes
+
+logger = logging.getLogger(__name__)
+
+CANDIDATE_BITS = tuple(range(2, 9))
+PIN_BITS = (*CANDIDATE_BITS, 32)
+__all__ = [
+    "AllocConfig",
+    "Allocation",
+    "InfeasibleAllocation",
+    "Problem",
+    "allocate",
+    "allocate_model",
+    "build_problem",
+    "pareto_frontier",
+    "problem_from_model",
+    "to_bit_config",
+]
+
+
+@dataclass(frozen=True, kw_only=True)
+class AllocConfig:
+    """How to allocate bits. Give at most one of ``size_limit_mb`` and ``compression``.
+
+    ``pins`` maps a block name, module FQN or ``"re:<regex>"`` (full match against block
+    names and module FQNs, as in ``BitConfig``) to fixed bits (2..8, or 32 = float); pinning
+    a module pins its whole block. ``ties`` lists groups of such names whose blocks must
+    share one bit width.
+    """
+
+    method: str = "ilp"
+    sensitivity: str = "trace"
+    candidate_bits: tuple[int, ...] = (2, 4, 8)
+    size_limit_mb: float | None = None
+    compression: float | None = None
+    bops_limit: float | None = None
+    act_bits: int = 8
+    pins: Mapping[str, int] = field(default_factory=dict)
+    ties: tuple[tuple[str, ...], ...] = ()
+    per_channel: bool = True
+    percentile: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.sensitivity not in SENSITIVITY_MODES:
+            raise ValueError(
+                f"sensitivity must be one of {SENSITIVITY_MODES}, got {self.sensitivity!r}"
+            )
+        bits = tuple(self.candidate_bits)
+        if not bits or len(set(bits)) != len(bits) or any(b not in CANDIDATE_BITS for b in bits):
+            raise ValueError(
+                f"candidate_bits must be distinct integers in 2..8, got {self.candidate_bits!r}"
+            )
+        object.__setattr__(self, "candidate_bits", tuple(sorted(bits)))
+        for name in ("size_limit_mb", "compression", "bops_limit"):
+            v = getattr(self, name)
+            ok = isinstance(v, int | float) and not isinstance(v, bool)
+            if v is not None and not (ok and math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be a finite number > 0 or None, got {v!r}")
+        if self.size_limit_mb is not None and self.compression is not None:
+            raise ValueError("give at most one of size_limit_mb and compression, not both")
+        if self.act_bits not in PIN_BITS:
+            raise ValueError(f"act_bits must be in 2..8 or 32, got {self.act_bits!r}")
+        for key, b in dict(self.pins).items():
+            _check_name(key, "pins")
+            if b not in PIN_BITS:
+                raise ValueError(f"pins[{key!r}] must be bits in 2..8 or 32, got {b!r}")
+        object.__setattr__(self, "pins", dict(self.pins))
+        ties = tuple(tuple(g) for g in self.ties)
+        for g in ties:
+            if len(g) < 2:
+                raise ValueError(f"each group in ties needs >= 2 names, got {g!r}")
+            for name in g:
+                _check_name(name, "ties")
+        object.__setattr__(self, "ties", ties)
+        if self.percentile is not None and not 0.0 < self.percentile <= 100.0:
+            raise ValueError(f"percentile must be in (0, 100] or None, got {self.percentile}")
+
+
+def _check_name(name: object, field_name: str) -> None:
+    if not isinstance(name, str) or not name or name == REGEX_PREFIX:
+        raise ValueError(f"{field_name} names must be non-empty strings, got {name!r}")
+    if name.startswith(REGEX_PREFIX):
+        try:
+            re.compile(name[len(REGEX_PREFIX) :])
+        except re.error as exc:
+            raise ValueError(f"{field_name} name {name!r} is not a valid regex: {exc}") from exc
+
+
+def _matches(key: str, block: BlockRecord) -> bool:
+    if key.startswith(REGEX_PREFIX):
+        pat = re.compile(key[len(REGEX_PREFIX) :])
+        return bool(pat.fullmatch(block.block)) or any(pat.fullmatch(m) for m in block.modules)
+    return key == block.block or key in block.modules
+
+
+def _resolve(key: str, records: Sequence[BlockRecord], what: str) -> list[int]:
+    hit = [i for i, r in enumerate(records) if _matches(key, r)]
+    if not hit:
+        raise ValueError(
+            f"{what} {key!r} matches no block or module; blocks are {[r.block for r in records]}"
+        )
+    return hit
+
+
+def build_problem(
+    table: object,
+    omega: np.ndarray,
+    bits: Sequence[int],
+    config: AllocConfig,
+    *,
+    n_weights: Sequence[int] | None = None,
+    macs: Sequence[float] | None = None,
+    fixed_bytes: float = 0.0,
+) -> Problem:
+    """A ``Problem`` from a sensitivity table (or records) and its Omega matrix over ``bits``.
+
+    ``n_weights`` defaults to the table's ``n_params``; ``macs`` (per block) enable BOPs.
+    """
+    records = tuple(block_records(table))
+    n = len(records)
+    bits = tuple(int(b) for b in bits)
+    omega = np.asarray(omega, dtype=np.float64)
+    if omega.shape != (n, len(bits)):
+        raise ValueError(f"omega must have shape (blocks, bits) = {(n, len(bits))}")
+    if not np.isfinite(omega).all() or (omega < 0).any():
+        raise ValueError("omega must be finite and >= 0")
+    needed = set(config.candidate_bits) | set(config.pins.values())
+    if not needed <= set(bits):
+        raise ValueError(f"omega covers bits {bits} but candidates and pins need {sorted(needed)}")
+    nw = np.array([r.n_params for r in records] if n_weights is None else n_weights, np.int64)
+    if nw.shape != (n,) or (nw <= 0).any():
+        raise ValueError(f"n_weights must be {n} positive integers")
+    mac = None if macs is None else np.asarray(macs, dtype=np.float64)
+    if mac is not None and (mac.shape != (n,) or (mac < 0).any()):
+        raise ValueError(f"macs must be {n} non-negative numbers")
+    if fixed_bytes < 0:
+        raise ValueError(f"fixed_bytes must be >= 0, got {fixed_bytes}")
+
+    parent = list(range(n))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for group in config.ties:
+        idx = [i for key in group for i in _resolve(key, records, "tie name")]
+        for i in idx[1:]:
+            parent[find(i)] = find(idx[0])
+    pinned: dict[int, int] = {}
+    for key, b in config.pins.items():
+        for i in _resolve(key, records, "pin"):
+            if pinned.get(i, b) != b:
+                raise ValueError(
+                    f"block {records[i].block!r} is pinned to both {pinned[i]} and {b}"
+                )
+            pinned[i] = b
+    roots: dict[int, list[int]] = {}
+    for i in range(n):
+        roots.setdefault(find(i), []).append(i)
+    units = tuple(tuple(m) for m in roots.values())
+    unit_bits = []
+    for members in units:
+        pins = {pinned[i] for i in members if i in pinned}
+        if len(pins) > 1:
+            names = [records[i].block for i in members]
+            raise ValueError(f"tied blocks {names} are pinned to different bits {sorted(pins)}")
+        unit_bits.append(tuple(pins) if pins else config.candidate_bits)
+    return Problem(
+        records=records,
+        bits=bits,
+        omega=omega,
+        n_weights=nw,
+        macs=mac,
+        fixed_bytes=float(fixed_bytes),
+        act_bits=config.act_bits,
+        sensitivity=sensitivity(records, config.sensitivity),
+        units=units,
+        unit_bits=tuple(unit_bits),
+    )
+
+
+def problem_from_model(
+    model: nn.Module,
+    table: object,
+    config: AllocConfig,
+    *,
+    example_input: torch.Tensor | None = None,
+) -> Problem:
+    """Omega (over candidate and pinned bits), weight counts, MACs and fixed bytes of a model.
+
+    ``example_input`` is needed for MACs (BOPs). The fixed bytes F are
+    ``hawq.size.model_size_bytes`` (block modules at 8 bits, or 32 where pinned so, and
+    ``act_bits``) minus those weights' bytes: biases, scales, activation ranges, BN, ....
+    """
+    records = block_records(table)
+    bits = sorted(set(config.candidate_bits) | {b for b in config.pins.values() if b != 32})
+    omega = omega_matrix(
+        model,
+        records,
+        bits,
+        sensitivity=config.sensitivity,
+        per_channel=config.per_channel,
+        percentile=config.percentile,
+    )
+    if any(b == 32 for b in config.pins.values()):  # float: no perturbation
+        bits.append(32)
+        omega = np.hstack([omega, np.zeros((len(records), 1))])
+    n_weights = [sum(w.numel() for w in block_weights(model, r.modules)) for r in records]
+    macs = None
+    if example_input is not None:
+        per_layer = {c.name: float(c.macs) for c in layer_costs(model, example_input)}
+        missing = [m for r in records for m in r.modules if m not in per_layer]
+        if missing:
+            raise ValueError(f"hawq.size.layer_costs has no MACs for modules {missing}")
+        macs = [sum(per_layer[m] for m in r.modules) for r in records]
+    problem = build_problem(records, omega, bits, config, n_weights=n_weights, macs=macs)
+    ref = expand_units(problem, [32 if b == (32,) else 8 for b in problem.unit_bits])
+    ref_config = to_bit_config(
+        _bits_table(problem, ref),
+        act_bits=config.act_bits,
+        per_channel=config.per_channel,
+        percentile=config.percentile,
+    )
+    fixed = model_size_bytes(model, ref_config) - problem.weight_bits(ref) / 8
+    return replace(problem, fixed_bytes=max(float(fixed), 0.0))
+
+
+ALLOCATION_SCHEMA = pa.schema(
+    [
+        ("block", pa.string()),
+        ("modules", pa.list_(pa.string())),
+        ("n_params", pa.int64()),
+        ("bits", pa.int64()),
+        ("omega", pa.float64()),
+        ("sensitivity", pa.float64()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """Bits per block (``table`` rows in table order; ``bits`` by block name), the totals,
+    and the ``BitConfig`` giving every block module its bits and ``act_bits``."""
+
+    table: pa.Table
+    bits: dict[str, int]
+    size_mb: float
+    compression: float
+    total_omega: float
+    bops: float | None
+    bit_config: BitConfig
+
+
+def to_bit_config(
+    table: pa.Table,
+    *,
+    act_bits: int = 8,
+    default: LayerBits | None = None,
+    per_channel: bool = True,
+    percentile: float | None = None,
+) -> BitConfig:
+    """Expand a block bit table (columns modules, bits) to per-module ``LayerBits(b, act)``.
+
+    Modules in no block get ``default`` (float, 32/32, unless given).
+    """
+    default = default or LayerBits(32, 32)
+    cols = table.select(["modules", "bits"]).to_pydict()
+    layers = {
+        m: LayerBits(int(b), act_bits)
+        for mods, b in zip(cols["modules"], cols["bits"], strict=True)
+        for m in mods
+    }
+    return BitConfig(
+        weight_bits=default.weight,
+        act_bits=default.act,
+        layers=layers,
+        per_channel=per_channel,
+        percentile=percentile,
+    )
+
+
+def _bits_table(problem: Problem, bits: np.ndarray) -> pa.Table:
+    cols = [problem.bits.index(int(b)) for b in bits]
+    return pa.table(
+        {
+            "block": problem.blocks,
+            "modules": [list(r.modules) for r in problem.records],
+            "n_params": [r.n_params for r in problem.records],
+            "bits": [int(b) for b in bits],
+            "omega": problem.omega[np.arange(len(cols)), cols],
+            "sensitivity": problem.sensitivity,
+        },
+        schema=ALLOCATION_SCHEMA,
+    )
+
+
+def _allocation(problem: Problem, bits: np.ndarray, config: AllocConfig) -> Allocation:
+    table = _bits_table(problem, bits)
+    return Allocation(
+        table=table,
+        bits=dict(zip(problem.blocks, (int(b) for b in bits), strict=True)),
+        size_mb=problem.size_mb(bits),
+        compression=problem.compression(bits),
+        total_omega=problem.total_omega(bits),
+        bops=problem.bops(bits),
+        bit_config=to_bit_config(
+            table,
+            act_bits=config.act_bits,
+            per_channel=config.per_channel,
+            percentile=config.percentile,
+        ),
+    )
+
+
+def allocate(problem: Problem, config: AllocConfig) -> Allocation:
+    """Solve ``problem`` with ``config.method`` under the config's size/compression/BOPs."""
+    bits = solve(
+        problem,
+        method=config.method,
+        size_limit_mb=config.size_limit_mb,
+        compression=config.compression,
+        bops_limit=config.bops_limit,
+    )
+    out = _allocation(problem, bits, config)
+    logger.info(
+        "%s allocation: %.4g MB (%.3gx), total Omega %.4g, bits %s",
+        config.method,
+        out.size_mb,
+        out.compression,
+        out.total_omega,
+        out.bits,
+    )
+    return out
+
+
+def allocate_model(
+    model: nn.Module,
+    table: object,
+    config: AllocConfig,
+    *,
+    example_input: torch.Tensor | None = None,
+) -> Allocation:
+    """``allocate(problem_from_model(model, table, config, example_input=...), config)``."""
+    return allocate(problem_from_model(model, table, config, example_input=example_input), config)

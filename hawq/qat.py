@@ -1,0 +1,399 @@
+"""The one block-wise quantization-aware training (QAT) loop, resumable bit-identically.
+
+Stage ``s`` quantizes the modules named in ``stages[s]`` (``quantize_`` with the bit config;
+a name covers its descendants), optionally freezes the layers quantized in earlier stages
+(``requires_grad = False``), then trains ``config.epochs`` epochs with SGD and a fresh
+optimizer, evaluating after each. Per-epoch LR within a stage (e = 0..E-1):
+cosine ``lr * (1 + cos(pi e / E)) / 2``; step ``lr * gamma^(e // step_size)``; constant ``lr``.
+
+Loss: ``ce`` = cross-entropy; ``distill`` = ``alpha * T^2 * KL(p_t^T || p_s^T) +
+(1 - alpha) * CE`` against a frozen float teacher (by default a copy of ``model`` as passed).
+
+Determinism: epoch ``g`` (counted over all stages) shuffles with a ``torch.Generator`` seeded
+by ``derive_seed(seed, "qat-data", g)``; the global torch RNG (dropout) is forked, seeded from
+the config and saved in the state. A ``QATState`` taken after any epoch holds the model (with
+the fake-quant EMA ranges), optimizer, RNG and counters as flat tensors + JSON metadata; passing
+it back as ``state=`` continues exactly where the uninterrupted run would be.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hawq.bitconfig import BitConfig
+from hawq.blocks import derive_seed
+from hawq.quant_modules import quantize_, quantized_modules
+
+logger = logging.getLogger(__name__)
+
+STATE_FORMAT = "hawq.qat/1"
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+Data = tuple[torch.Tensor, torch.Tensor] | Callable[[torch.Generator], Batches]
+
+__all__ = [
+    "STATE_FORMAT",
+    "EpochRecord",
+    "QATConfig",
+    "QATState",
+    "derive_seed",
+    "evaluate",
+    "run_qat",
+]
+
+
+def _num(name: str, v: object, lo: float, hi: float, *, lo_open: bool, hi_open: bool) -> None:
+    ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    if ok:
+        ok = (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+    if not ok:
+        rng = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        raise ValueError(f"{name} must be a number in {rng}, got {v!r}")
+
+
+def _int(name: str, v: object, lo: int) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class QATConfig:
+    """Hyper-parameters of block-wise QAT (SGD with momentum)."""
+
+    epochs: int = 1  # per stage, >= 1
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    batch_size: int = 128
+    eval_batch_size: int = 512
+    drop_last: bool = False
+    schedule: str = "cosine"  # "cosine" | "step" | "constant"
+    step_size: int = 1  # epochs per step of the "step" schedule
+    gamma: float = 0.1
+    freeze_quantized: bool = True
+    loss: str = "ce"  # "ce" | "distill"
+    temperature: float = 4.0
+    alpha: float = 0.9
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _int("epochs", self.epochs, 1)
+        _num("lr", self.lr, 0.0, math.inf, lo_open=True, hi_open=True)
+        _num("momentum", self.momentum, 0.0, 1.0, lo_open=False, hi_open=True)
+        _num("weight_decay", self.weight_decay, 0.0, math.inf, lo_open=False, hi_open=True)
+        _int("batch_size", self.batch_size, 1)
+        _int("eval_batch_size", self.eval_batch_size, 1)
+        _int("step_size", self.step_size, 1)
+        _num("gamma", self.gamma, 0.0, 1.0, lo_open=True, hi_open=False)
+        _num("temperature", self.temperature, 0.0, math.inf, lo_open=True, hi_open=True)
+        _num("alpha", self.alpha, 0.0, 1.0, lo_open=False, hi_open=False)
+        _int("seed", self.seed, 0)
+        for name in ("drop_last", "freeze_quantized"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.schedule not in ("cosine", "step", "constant"):
+            raise ValueError(
+                f"schedule must be 'cosine', 'step' or 'constant', got {self.schedule!r}"
+            )
+        if self.loss not in ("ce", "distill"):
+            raise ValueError(f"loss must be 'ce' or 'distill', got {self.loss!r}")
+
+    def lr_at(self, epoch: int) -> float:
+        """Learning rate of epoch ``epoch`` (0-based) within a stage."""
+        if self.schedule == "cosine":
+            return self.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / self.epochs))
+        if self.schedule == "step":
+            return self.lr * self.gamma ** (epoch // self.step_size)
+        return self.lr
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> QATConfig:
+        valid = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - valid)
+        if unknown:
+            raise ValueError(f"unknown QAT config keys {unknown}; valid keys: {sorted(valid)}")
+        return cls(**dict(d))
+
+
+@dataclass(frozen=True, kw_only=True)
+class EpochRecord:
+    """What one epoch did. ``epoch`` counts within the stage, ``global_epoch`` over all."""
+
+    stage: int
+    epoch: int
+    global_epoch: int
+    lr: float
+    train_loss: float
+    train_acc: float
+    eval_loss: float | None
+    eval_acc: float | None
+    n_quantized: int
+    seconds: float
+
+
+@dataclass
+class QATState:
+    """Everything to resume after an epoch: flat tensors (safetensors-ready: contiguous,
+    unshared) and JSON-able metadata (counters, stages, configs, optimizer groups, history)."""
+
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+
+
+def _tensor_batches(
+    data: tuple[torch.Tensor, torch.Tensor],
+    batch_size: int,
+    generator: torch.Generator | None,
+    drop_last: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    x, y = data
+    n = x.shape[0]
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    for i in range(0, n - n % batch_size if drop_last else n, batch_size):
+        j = order[i : i + batch_size]
+        yield x[j], y[j]
+
+
+def _batches(data: Data, batch_size: int, gen: torch.Generator, shuffle: bool, drop_last: bool):
+    if callable(data):
+        return data(gen)
+    if not (isinstance(data, tuple | list) and len(data) == 2):
+        raise ValueError("data must be a tuple (X, y) of tensors or a callable(generator)")
+    return _tensor_batches(tuple(data), batch_size, gen if shuffle else None, drop_last)
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Data, *, batch_size: int = 512) -> tuple[float, float]:
+    """Mean cross-entropy and top-1 accuracy of ``model`` in eval mode (mode restored)."""
+    was = model.training
+    model.eval()
+    dev = _device(model)
+    loss, correct, n = 0.0, 0, 0
+    try:
+        for xb, yb in _batches(data, batch_size, torch.Generator(), False, False):
+            xb, yb = xb.to(dev), yb.to(dev)
+            out = model(xb)
+            loss += F.cross_entropy(out, yb, reduction="sum").item()
+            correct += int((out.argmax(1) == yb).sum())
+            n += yb.shape[0]
+    finally:
+        model.train(was)
+    if n == 0:
+        raise ValueError("evaluation data is empty")
+    return loss / n, correct / n
+
+
+def _loss(cfg: QATConfig, out: torch.Tensor, y: torch.Tensor, t_out: torch.Tensor | None):
+    ce = F.cross_entropy(out, y)
+    if cfg.loss == "ce" or t_out is None:
+        return ce
+    temp = cfg.temperature
+    kl = F.kl_div(
+        F.log_softmax(out / temp, dim=1),
+        F.log_softmax(t_out / temp, dim=1),
+        reduction="batchmean",
+        log_target=True,
+    )
+    return cfg.alpha * temp * temp * kl + (1.0 - cfg.alpha) * ce
+
+
+def _stage_modules(stages: Sequence[Sequence[str]], upto: int) -> list[str]:
+    return [n for st in stages[:upto] for n in st]
+
+
+def _freeze(model: nn.Module, names: Sequence[str]) -> None:
+    for n in names:
+        model.get_submodule(n).requires_grad_(False)
+
+
+def _capture(model: nn.Module, opt: torch.optim.Optimizer, meta: dict[str, Any]) -> QATState:
+    def cpu(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to("cpu", copy=True).contiguous()
+
+    tensors = {f"model.{k}": cpu(v) for k, v in model.state_dict().items()}
+    sd = opt.state_dict()
+    state_meta: dict[str, dict[str, Any]] = {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"optim.{idx}.{k}"] = cpu(v)
+            else:
+                state_meta.setdefault(str(idx), {})[k] = v
+    tensors["rng.torch"] = torch.get_rng_state().clone()
+    dev = _device(model)
+    if dev.type == "cuda":
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(dev).clone()
+    meta = {**meta, "optimizer": {"param_groups": sd["param_groups"], "state": state_meta}}
+    return QATState(tensors=tensors, meta=meta)
+
+
+def _optimizer_state(state: QATState) -> dict[str, Any]:
+    st: dict[int, dict[str, Any]] = {}
+    for k, v in state.tensors.items():
+        if k.startswith("optim."):
+            _, idx, name = k.split(".", 2)
+            st.setdefault(int(idx), {})[name] = v.clone()
+    for idx, extra in state.meta["optimizer"]["state"].items():
+        st.setdefault(int(idx), {}).update(extra)
+    return {"state": st, "param_groups": copy.deepcopy(state.meta["optimizer"]["param_groups"])}
+
+
+def run_qat(
+    model: nn.Module,
+    stages: Sequence[Sequence[str]],
+    train_data: Data,
+    eval_data: Data | None,
+    config: QATConfig,
+    *,
+    bit_config: BitConfig,
+    state: QATState | None = None,
+    teacher: nn.Module | None = None,
+    on_epoch_end: Callable[[EpochRecord, QATState], bool | None] | None = None,
+) -> list[EpochRecord]:
+    """Block-wise QAT of ``model`` in place; returns all epoch records (resumed ones included).
+
+    ``stages``: list of lists of module names, in fine-tuning order. ``train_data``/
+    ``eval_data``: ``(X, y)`` tensors or ``callable(generator) -> iterable of (x, y)`` (the
+    callable draws its order from the generator; ``batch_size``/``drop_last`` then apply
+    only to tensors). To resume, pass a *float* model built as for the original run plus
+    ``state``.
+    ``on_epoch_end(record, state)`` runs after every epoch; returning True stops the run.
+    """
+    stages = [list(s) for s in stages]
+    if not stages or any(not s for s in stages):
+        raise ValueError("stages must be a non-empty list of non-empty lists of module names")
+    if config.loss == "distill":
+        teacher = copy.deepcopy(model) if teacher is None else teacher
+        teacher.eval().requires_grad_(False)
+    dev = _device(model)
+    base_meta = {
+        "format": STATE_FORMAT,
+        "stages": stages,
+        "config": config.to_dict(),
+        "bit_config": bit_config.to_dict(),
+    }
+    history: list[EpochRecord] = []
+    stage0, epoch0, opt_state = 0, 0, None
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        if state is None:
+            torch.manual_seed(derive_seed(config.seed, "qat-torch"))
+        else:
+            stage0, epoch0, opt_state, history = _restore(model, state, base_meta, bit_config)
+        for s in range(stage0, len(stages)):
+            if opt_state is None:  # entering stage s afresh
+                quantize_(model, bit_config, modules=stages[s])
+                if config.freeze_quantized:
+                    _freeze(model, _stage_modules(stages, s))
+                model.zero_grad(set_to_none=True)
+            params = [p for p in model.parameters() if p.requires_grad]
+            opt = torch.optim.SGD(
+                params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+            )
+            if opt_state is not None:
+                opt.load_state_dict(opt_state)
+                opt_state = None
+            for e in range(epoch0 if s == stage0 else 0, config.epochs):
+                g = s * config.epochs + e
+                rec = _train_epoch(model, opt, train_data, eval_data, config, teacher, dev, s, e, g)
+                history.append(rec)
+                ev = "-" if rec.eval_acc is None else f"{rec.eval_acc:.4f}"
+                logger.info(
+                    "qat stage %d/%d epoch %d/%d lr %.4g loss %.4f acc %.4f eval acc %s",
+                    *(s + 1, len(stages), e + 1, config.epochs, rec.lr, rec.train_loss),
+                    *(rec.train_acc, ev),
+                )
+                if on_epoch_end is not None:
+                    meta = {
+                        **base_meta,
+                        "stage": s,
+                        "epoch": e + 1,
+                        "global_epoch": g + 1,
+                        "history": [asdict(r) for r in history],
+                    }
+                    if on_epoch_end(rec, _capture(model, opt, meta)):
+                        return history
+    return history
+
+
+def _train_epoch(model, opt, train_data, eval_data, cfg, teacher, dev, s, e, g) -> EpochRecord:
+    t0 = time.perf_counter()
+    lr = cfg.lr_at(e)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "qat-data", g))
+    model.train()
+    tot, correct, n = 0.0, 0, 0
+    for xb, yb in _batches(train_data, cfg.batch_size, gen, True, cfg.drop_last):
+        xb, yb = xb.to(dev), yb.to(dev)
+        out = model(xb)
+        t_out = None
+        if teacher is not None and cfg.loss == "distill":
+            with torch.no_grad():
+                t_out = teacher(xb)
+        loss = _loss(cfg, out, yb, t_out)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        b = yb.shape[0]
+        tot += loss.item() * b
+        correct += int((out.detach().argmax(1) == yb).sum())
+        n += b
+    if n == 0:
+        raise ValueError("training data is empty")
+    ev_loss = ev_acc = None
+    if eval_data is not None:
+        ev_loss, ev_acc = evaluate(model, eval_data, batch_size=cfg.eval_batch_size)
+    nq = len(quantized_modules(model))
+    return EpochRecord(
+        stage=s,
+        epoch=e,
+        global_epoch=g,
+        lr=lr,
+        train_loss=tot / n,
+        train_acc=correct / n,
+        eval_loss=ev_loss,
+        eval_acc=ev_acc,
+        n_quantized=nq,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _restore(model: nn.Module, state: QATState, base_meta: dict[str, Any], bit_config: BitConfig):
+    meta = state.meta
+    if meta.get("format") != STATE_FORMAT:
+        raise ValueError(f"state format must be {STATE_FORMAT!r}, got {meta.get('format')!r}")
+    for key in ("stages", "config", "bit_config"):
+        if meta[key] != base_meta[key]:
+            raise ValueError(f"state was saved with a different {key}: {meta[key]!r}")
+    cfg = QATConfig.from_dict(meta["config"])
+    stages, s, e = meta["stages"], int(meta["stage"]), int(meta["epoch"])
+    quantize_(model, bit_config, modules=_stage_modules(stages, s + 1))
+    if cfg.freeze_quantized:
+        _freeze(model, _stage_modules(stages, s))
+    sd = {k[len("model.") :]: v for k, v in state.tensors.items() if k.startswith("model.")}
+    model.load_state_dict(sd, strict=True)
+    torch.set_rng_state(state.tensors["rng.torch"].clone())
+    dev = _device(model)
+    if dev.type == "cuda" and "rng.cuda" in state.tensors:
+        torch.cuda.set_rng_state(state.tensors["rng.cuda"].clone(), dev)
+    history = [EpochRecord(**r) for r in meta["history"]]
+    if e >= cfg.epochs:  # the stage was finished: the next one starts afresh
+        return s + 1, 0, None, history
+    return s, e, _optimizer_state(state), history

@@ -1,0 +1,123 @@
+"""Hutchinson estimates of every block's Hessian trace from shared Rademacher probes.
+
+For a Rademacher vector ``v`` over all blocks (entries +-1, independent), ``E[v_b^T (H v)_b] =
+Tr(H_bb)``: the cross terms ``v_b^T H_bc v_c`` have mean zero. One joint HVP per probe thus
+gives a sample for every block at once. The estimate of block ``b`` after ``n`` probes is the
+sample mean with standard error ``s / sqrt(n)`` (``s`` the sample standard deviation).
+
+Determinism: probe ``p`` is a pure function of ``(seed, p)`` (generator seeded with
+``derive_seed(seed, "probe", p)``, drawn on the CPU in block order) and samples are consumed in
+probe order, so probes computed in parallel elsewhere and fed in order give identical results.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from hawq.blocks import derive_seed
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TraceResult:
+    """Hutchinson estimate ``mean`` of a block trace, its standard error and probe count."""
+
+    mean: float
+    stderr: float
+    probes: int
+    converged: bool
+
+
+def rademacher_probe(
+    dims: Mapping[str, int],
+    seed: int,
+    probe: int,
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> dict[str, Tensor]:
+    """Probe ``probe``: a +-1 vector per block, in ``dims`` order, seeded by ``derive_seed``."""
+    if isinstance(probe, bool) or not isinstance(probe, int) or probe < 0:
+        raise ValueError(f"probe must be an int >= 0, got {probe!r}")
+    gen = torch.Generator().manual_seed(derive_seed(seed, "probe", probe))
+    out = {}
+    for name, n in dims.items():
+        if n < 1:
+            raise ValueError(f"dims[{name!r}] must be >= 1, got {n}")
+        bits = torch.randint(0, 2, (n,), generator=gen, dtype=torch.int8)
+        out[name] = (2 * bits - 1).to(dtype=dtype, device=device)
+    return out
+
+
+class _Running:
+    """Welford mean/variance in float64 (order-dependent but deterministic)."""
+
+    def __init__(self) -> None:
+        self.n, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def add(self, x: float) -> None:
+        self.n += 1
+        delta = x - self.mean
+        self.mean += delta / self.n
+        self.m2 += delta * (x - self.mean)
+
+    @property
+    def stderr(self) -> float:
+        return math.sqrt(self.m2 / (self.n - 1) / self.n) if self.n > 1 else math.inf
+
+
+def hutchinson(
+    sample_fn: Callable[[int], Mapping[str, float]],
+    blocks: Sequence[str],
+    *,
+    tol: float = 0.05,
+    max_probes: int = 200,
+    min_probes: int = 10,
+) -> dict[str, TraceResult]:
+    """Run probes ``p = 0, 1, ...`` until every block's estimate has frozen.
+
+    ``sample_fn(p)`` returns ``{block: v_b^T (H v)_b}`` for probe ``p``. A block freezes
+    (``converged``) once it has ``>= min_probes`` samples and ``stderr <= tol * |mean|``; later
+    samples of a frozen block are ignored, so its estimate depends only on its first samples.
+    Stops when all blocks froze or after ``max_probes`` probes.
+    """
+    if not (tol > 0 and math.isfinite(tol)):
+        raise ValueError(f"tol must be a positive finite number, got {tol}")
+    if isinstance(min_probes, bool) or not isinstance(min_probes, int) or min_probes < 2:
+        raise ValueError(f"min_probes must be an int >= 2, got {min_probes!r}")
+    if isinstance(max_probes, bool) or not isinstance(max_probes, int) or max_probes < min_probes:
+        raise ValueError(
+            f"max_probes must be an int >= min_probes ({min_probes}), got {max_probes!r}"
+        )
+    if not blocks or len(set(blocks)) != len(blocks):
+        raise ValueError("blocks must be a non-empty sequence of unique names")
+    stats = {b: _Running() for b in blocks}
+    frozen: dict[str, bool] = dict.fromkeys(blocks, False)
+    for p in range(max_probes):
+        if all(frozen.values()):
+            break
+        samples = sample_fn(p)
+        for b in blocks:
+            if frozen[b]:
+                continue
+            if b not in samples:
+                raise ValueError(f"sample_fn({p}) returned no sample for block {b!r}")
+            x = float(samples[b])
+            if not math.isfinite(x):
+                raise FloatingPointError(f"non-finite Hutchinson sample for block {b!r}, probe {p}")
+            st = stats[b]
+            st.add(x)
+            if st.n >= min_probes and st.stderr <= tol * abs(st.mean):
+                frozen[b] = True
+                logger.debug("trace of %r froze after %d probes: %.6g", b, st.n, st.mean)
+    return {
+        b: TraceResult(mean=st.mean, stderr=st.stderr, probes=st.n, converged=frozen[b])
+        for b, st in stats.items()
+    }

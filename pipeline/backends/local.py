@@ -1,0 +1,43 @@
+"""In-process backend: ``hawq.sensitivity.analyze`` on the job's model, in this process."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import pyarrow as pa
+import torch
+
+from hawq.sensitivity import analyze
+from pipeline.backends.base import HessianJob, RowCallback
+
+
+class LocalBackend:
+    """Runs a :class:`HessianJob` here, on ``device`` (CPU by default)."""
+
+    def __init__(self, device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
+
+    def run(
+        self,
+        job: HessianJob,
+        *,
+        done: Mapping[str, dict] | None = None,
+        on_row: RowCallback | None = None,
+        progress: bool = True,
+    ) -> pa.Table:
+        """The sensitivity table of ``job`` (blocks in ``done`` are reused, not recomputed)."""
+        model = job.instantiate(self.device)
+        batches = [(x.to(self.device), y.to(self.device)) for x, y in job.batches]
+        return analyze(
+            model,
+            job.loss_fn,
+            batches,
+            job.config,
+            blocks=job.blocks,
+            done=done,
+            on_row=on_row,
+            progress=progress,
+        )
+
+    def close(self) -> None:
+        """Nothing to release."""

@@ -1,0 +1,414 @@
+"""Ray backend: the Hessian analysis on a grid of ``data_shards x block_groups`` actors.
+
+Layout. Actor ``(g, d)`` holds data shard ``d`` (batches ``i`` with ``i % D == d``) and belongs
+to block group ``g``; the ``D`` actors of a group form a gloo (nccl on whole GPUs) process
+group and run the *same* ``hawq`` solver code in lockstep, the operator's ``allreduce`` hook
+summing each HVP across shards. Sample weighting makes the sharded operator exactly the
+single-process one (up to the summation order).
+
+Scheduling. A free group takes the next unfinished block, largest ``n_params`` first (online
+LPT), and computes its eigen row; each block's solver stops on its own. Hutchinson probes go to
+whichever group is free (probes below ``trace_min_probes`` may start while other groups still
+finish blocks); each probe is one joint HVP over all blocks on that group's shards. The driver
+feeds the per-probe samples in probe order to ``hawq.trace.hutchinson``, so traces equal the
+single-process ones. Only scalars cross to the driver (``stats["bytes_to_driver"]``).
+
+Faults. A failed call (actor died, collective broken or timed out) makes the driver wait for
+the group's actors (Ray restarts them, ``max_actor_restarts``), rebuild the group's process
+group with a new generation, reload the job and redo the work item: HVPs are pure functions of
+(vector, shard), so results are unchanged. Resume: blocks in ``done`` are not recomputed;
+``on_row`` gets each new eigen row as it finishes (in completion order).
+
+GPU use (``gpus_per_actor > 0``: device ``cuda``, nccl for whole GPUs) is untested here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import pyarrow as pa
+import ray
+from tqdm.auto import tqdm
+
+from hawq.sensitivity import SENSITIVITY_SCHEMA, TRACE_COLUMNS, _resumed_row
+from hawq.trace import hutchinson
+from pipeline.backends.base import HessianJob, RowCallback
+from pipeline.backends.ray_actors import FATAL_ERRORS, HessianWorker
+from pipeline.backends.ray_config import RayBackendConfig
+
+logger = logging.getLogger(__name__)
+
+EventHook = Callable[[str, dict], None]
+
+
+def _fatal_cause(exc: BaseException) -> BaseException | None:
+    """The algorithmic error inside a failed actor call (retrying cannot fix it), if any."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(exc, ray.exceptions.RayTaskError) and isinstance(cause, FATAL_ERRORS):
+        return cause
+    return None
+
+
+@dataclass(kw_only=True)
+class _Call:
+    """One work item on one block group: ``D`` object refs, one per shard."""
+
+    group: int
+    kind: str  # "eigen" | "probe"
+    key: Any  # block name | probe index
+    refs: list[ray.ObjectRef]
+    gen: int
+    attempt: int
+    values: dict[int, Any] = field(default_factory=dict)
+
+
+class RayBackend:
+    """Runs a :class:`HessianJob` on a Ray cluster (see the module docstring).
+
+    ``on_event(kind, info)`` is an optional monitoring/test hook called on the driver for
+    ``"submit"``, ``"block"``, ``"probe"`` and ``"recover"`` events. ``stats`` describes the
+    last run; ``actors[g][d]`` are the live actor handles.
+    """
+
+    def __init__(
+        self, config: RayBackendConfig | None = None, *, on_event: EventHook | None = None
+    ):
+        self.config = RayBackendConfig() if config is None else config
+        if not isinstance(self.config, RayBackendConfig):
+            raise ValueError(f"config must be a RayBackendConfig, got {type(config).__name__}")
+        self.on_event = on_event
+        self.actors: list[list[ray.actor.ActorHandle]] = []
+        self.stats: dict[str, Any] = {}
+        self._owns_ray = False
+        self.nodes: list[str] = []
+        self._gens = [0] * self.config.block_groups
+
+    # ------------------------------------------------------------------ cluster and actors
+    def _connect(self) -> None:
+        cfg = self.config
+        if ray.is_initialized():
+            return
+        if cfg.address is None:
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            ray.init(
+                address="local",
+                num_cpus=cfg.num_cpus or os.cpu_count() or 1,
+                num_gpus=cfg.num_gpus,
+                object_store_memory=None
+                if cfg.object_store_mb is None
+                else int(cfg.object_store_mb * 2**20),
+                include_dashboard=False,
+            )
+        else:
+            ray.init(address=cfg.address)
+        self._owns_ray = True
+
+    def _start_actors(self) -> None:
+        cfg = self.config
+        total = ray.cluster_resources()
+        need = {"CPU": cfg.n_actors * cfg.cpus_per_actor, "GPU": cfg.n_actors * cfg.gpus_per_actor}
+        for res, amount in need.items():
+            if amount > total.get(res, 0.0) + 1e-9:
+                raise ValueError(
+                    f"{cfg.data_shards}x{cfg.block_groups} actors need {amount:g} {res}, "
+                    f"the cluster has {total.get(res, 0.0):g}"
+                )
+        budget = None if cfg.memory_budget_mb is None else int(cfg.memory_budget_mb * 2**20)
+        cls = ray.remote(HessianWorker).options(
+            num_cpus=cfg.cpus_per_actor,
+            num_gpus=cfg.gpus_per_actor,
+            max_restarts=cfg.max_actor_restarts,
+            scheduling_strategy="SPREAD" if cfg.spread else "DEFAULT",
+        )
+        device = "cuda" if cfg.gpus_per_actor > 0 else "cpu"
+        self.actors = [
+            [
+                cls.remote(
+                    g,
+                    d,
+                    cfg.data_shards,
+                    device=device,
+                    threads=cfg.threads,
+                    timeout_s=cfg.collective_timeout_s,
+                    memory_budget_bytes=budget,
+                    use_job_budget=cfg.memory_budget_mb is None,
+                )
+                for d in range(cfg.data_shards)
+            ]
+            for g in range(cfg.block_groups)
+        ]
+        try:
+            info = self._get([a.ping.remote() for row in self.actors for a in row],
+                             timeout=cfg.start_timeout_s)  # fmt: skip
+        except ray.exceptions.GetTimeoutError as exc:
+            raise RuntimeError(
+                f"{cfg.n_actors} actors did not start within {cfg.start_timeout_s}s "
+                f"(cluster resources: {ray.cluster_resources()})"
+            ) from exc
+        self.nodes = sorted({i["node"] for i in info})
+        logger.info("started %d actors on %d node(s)", cfg.n_actors, len(self.nodes))
+
+    def _get(self, refs: Any, **kwargs: Any) -> Any:
+        """``ray.get`` that counts the pickled bytes of everything it brings to the driver."""
+        values = ray.get(refs, **kwargs)
+        nbytes = len(pickle.dumps(values, protocol=pickle.HIGHEST_PROTOCOL))
+        self.stats["bytes_to_driver"] = self.stats.get("bytes_to_driver", 0) + nbytes
+        return values
+
+    def _wait_alive(self, g: int) -> None:
+        """Block until every actor of group ``g`` answers (Ray restarts dead ones)."""
+        deadline = time.monotonic() + self.config.start_timeout_s
+        for d, actor in enumerate(self.actors[g]):
+            while True:
+                try:
+                    self._get(actor.ping.remote(), timeout=self.config.collective_timeout_s + 30)
+                    break
+                except ray.exceptions.ActorDiedError as exc:
+                    raise RuntimeError(
+                        f"actor g{g}/r{d} died for good (max_actor_restarts="
+                        f"{self.config.max_actor_restarts} exhausted)"
+                    ) from exc
+                except ray.exceptions.GetTimeoutError:  # stuck past the collective timeout
+                    logger.warning("actor g%d/r%d does not answer; restarting it", g, d)
+                    ray.kill(actor, no_restart=False)
+                except ray.exceptions.ActorUnavailableError:
+                    time.sleep(0.2)
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"actor g{g}/r{d} did not come back in time")
+
+    def _setup_groups(self, groups: list[int]) -> None:
+        """Build fresh process groups (new generation) and load the job on ``groups``."""
+        hosts = self._get([self.actors[g][0].rendezvous.remote() for g in groups])
+        joins = []
+        for g, (host, port) in zip(groups, hosts, strict=True):
+            self._gens[g] += 1
+            joins += [a.join.remote(host, port, self._gens[g]) for a in self.actors[g]]
+        self._get(joins)
+        loads = [
+            a.load.remote(self._gens[g], self._job_ref, self._shard_refs[d])
+            for g in groups
+            for d, a in enumerate(self.actors[g])
+        ]
+        self._get(loads)
+
+    def _recover(self, g: int, error: BaseException) -> None:
+        """Wait for group ``g``'s actors, rebuild its process group and reload the job."""
+        for attempt in range(self.config.max_retries + 1):
+            logger.warning("group %d: rebuilding after %s", g, str(error).splitlines()[0][:200])
+            try:
+                self._wait_alive(g)
+                self._setup_groups([g])
+                self.stats["recoveries"] += 1
+                return
+            except (ray.exceptions.RayError, RuntimeError) as exc:
+                if (cause := _fatal_cause(exc)) is not None:
+                    raise cause from exc
+                if attempt == self.config.max_retries:
+                    raise RuntimeError(f"group {g} could not be rebuilt") from exc
+                error = exc
+
+    # ------------------------------------------------------------------ work items
+    def _submit(self, g: int, kind: str, key: Any, attempt: int = 0) -> _Call:
+        gen = self._gens[g]
+        refs = [getattr(a, kind).remote(gen, key) for a in self.actors[g]]
+        call = _Call(group=g, kind=kind, key=key, refs=refs, gen=gen, attempt=attempt)
+        self._inflight[g] = call
+        self._emit("submit", group=g, kind=kind, key=key, attempt=attempt)
+        return call
+
+    def _emit(self, event: str, **info: Any) -> None:
+        if self.on_event is not None:
+            self.on_event(event, info)
+
+    def _fill(self) -> None:
+        """Give every idle group the next work item: blocks first, then probes."""
+        for g in range(self.config.block_groups):
+            if g in self._inflight:
+                continue
+            if self._blocks_todo:
+                self._submit(g, "eigen", *self._blocks_todo.popleft())
+            elif self._probes_todo and self._probes_todo[0][0] < self._probe_limit():
+                self._submit(g, "probe", *self._probes_todo.popleft())
+
+    def _probe_limit(self) -> int:
+        cfg = self._job.config
+        if not cfg.trace:
+            return 0
+        ahead = max(cfg.trace_min_probes, self._probe_waiting + self.config.block_groups)
+        return min(cfg.trace_max_probes, ahead)
+
+    def _step(self) -> None:
+        """Fill idle groups, wait for one result, and handle it."""
+        self._fill()
+        owner = {
+            ref: (call, d)
+            for call in self._inflight.values()
+            for d, ref in enumerate(call.refs)
+            if d not in call.values
+        }
+        if not owner:
+            raise RuntimeError("no work in flight: the scheduler is stuck")
+        ready, _ = ray.wait(list(owner), num_returns=1)
+        call, d = owner[ready[0]]
+        try:
+            call.values[d] = self._get(ready[0])
+        except Exception as exc:  # noqa: BLE001 - classified below
+            self._failed(call, exc)
+            return
+        if len(call.values) == len(call.refs):
+            del self._inflight[call.group]
+            self._finished(call)
+
+    def _failed(self, call: _Call, exc: BaseException) -> None:
+        if (cause := _fatal_cause(exc)) is not None:
+            raise cause from exc
+        g = call.group
+        del self._inflight[g]
+        if call.attempt >= self.config.max_retries:
+            raise RuntimeError(
+                f"{call.kind} {call.key!r} failed {call.attempt + 1} times on group {g}"
+            ) from exc
+        logger.warning("group %d: %s %r failed", g, call.kind, call.key)
+        self._recover(g, exc)
+        self._emit("recover", group=g, kind=call.kind, key=call.key)
+        queue = self._blocks_todo if call.kind == "eigen" else self._probes_todo
+        queue.appendleft((call.key, call.attempt + 1))
+        if call.kind == "probe":  # keep probes sorted so the limit check sees the lowest
+            self._probes_todo = deque(sorted(self._probes_todo))
+
+    def _finished(self, call: _Call) -> None:
+        first = call.values[0]
+        if any(v != first for v in call.values.values() if call.kind == "probe") or any(
+            (v["eigenvalue"], v["hvps"]) != (first["eigenvalue"], first["hvps"])
+            for v in call.values.values()
+            if call.kind == "eigen"
+        ):
+            raise RuntimeError(f"shards of group {call.group} disagree on {call.kind} {call.key!r}")
+        self.stats["bytes_results"] += sum(len(pickle.dumps(v)) for v in call.values.values())
+        if call.kind == "probe":
+            self._samples[call.key] = first
+            self.stats["probes_computed"] += 1
+            self._emit("probe", group=call.group, kind="probe", key=call.key)
+            return
+        block = self._by_name[call.key]
+        row = {
+            "block": block.name,
+            "modules": list(block.module_names),
+            "n_params": block.n_params,
+            **first,
+            "seed": self._job.config.seed,
+        }
+        self._rows[block.name] = row
+        self.stats["blocks_computed"] += 1
+        self.stats["eigen_hvps"] += row["hvps"]
+        self._bar.update(1)
+        logger.info("group %d: block %s eigenvalue %.6g (%d HVPs, %.2fs)", call.group,
+                    block.name, row["eigenvalue"], row["hvps"], row["seconds"])  # fmt: skip
+        if self._on_row is not None:
+            self._on_row(dict(row))
+        self._emit("block", group=call.group, kind="eigen", key=block.name)
+
+    def _sample(self, p: int) -> dict[str, float]:
+        self._probe_waiting = p
+        while p not in self._samples:
+            self._step()
+        self.stats["probes_used"] = p + 1
+        return self._samples.pop(p)
+
+    # ------------------------------------------------------------------ public API
+    def run(
+        self,
+        job: HessianJob,
+        *,
+        done: Mapping[str, dict] | None = None,
+        on_row: RowCallback | None = None,
+        progress: bool = True,
+    ) -> pa.Table:
+        """The sensitivity table of ``job``; blocks in ``done`` are reused, not recomputed."""
+        cfg, hcfg = self.config, job.config
+        if len(job.batches) < cfg.data_shards:
+            raise ValueError(
+                f"data_shards={cfg.data_shards} exceeds the number of batches {len(job.batches)}"
+            )
+        done = dict(done or {})
+        blocks = list(job.blocks)
+        self._by_name = {b.name: b for b in blocks}
+        rows = {b.name: _resumed_row(done[b.name], b, hcfg) for b in blocks if b.name in done}
+        todo = sorted((b for b in blocks if b.name not in done), key=lambda b: -b.n_params)
+        self.stats = dict.fromkeys(
+            ("bytes_to_driver", "bytes_results", "recoveries", "blocks_computed", "eigen_hvps",
+             "probes_computed", "probes_used"), 0)  # fmt: skip
+        self.stats.update(blocks_skipped=len(rows), data_shards=cfg.data_shards,
+                          block_groups=cfg.block_groups)  # fmt: skip
+        t0 = time.perf_counter()
+        self._connect()
+        if not self.actors:
+            self._start_actors()
+        self.stats["nodes"] = len(self.nodes)
+        D = cfg.data_shards
+        self._job = job
+        self._job_ref = ray.put(replace(job, batches=()))
+        self._shard_refs = [ray.put(list(job.batches[d::D])) for d in range(D)]
+        try:
+            self._setup_groups(list(range(cfg.block_groups)))
+        except (ray.exceptions.RayError, RuntimeError) as exc:
+            if (cause := _fatal_cause(exc)) is not None:
+                raise cause from exc
+            for g in range(cfg.block_groups):
+                self._recover(g, exc)
+        t1 = time.perf_counter()
+        self._inflight: dict[int, _Call] = {}
+        self._blocks_todo = deque((b.name, 0) for b in todo)
+        self._probes_todo = deque((p, 0) for p in range(hcfg.trace_max_probes if hcfg.trace else 0))
+        self._probe_waiting = 0
+        self._samples: dict[int, dict[str, float]] = {}
+        self._rows, self._on_row = rows, on_row
+        self._bar = tqdm(total=len(blocks), initial=len(rows), desc="block eigenvalues",
+                         unit="block", disable=not progress)  # fmt: skip
+        try:
+            while self._blocks_todo or any(c.kind == "eigen" for c in self._inflight.values()):
+                self._step()
+            t2 = time.perf_counter()
+            traces: dict[str, dict] = {}
+            if hcfg.trace:
+                results = hutchinson(self._sample, [b.name for b in blocks], tol=hcfg.trace_tol,
+                                     max_probes=hcfg.trace_max_probes,
+                                     min_probes=hcfg.trace_min_probes)  # fmt: skip
+                traces = {
+                    b: {"trace": r.mean, "trace_stderr": r.stderr, "trace_probes": r.probes}
+                    for b, r in results.items()
+                }
+        finally:
+            self._bar.close()
+            self._drain()
+        self.stats.update(seconds_setup=t1 - t0, seconds_eigen=t2 - t1,
+                          seconds_trace=time.perf_counter() - t2)  # fmt: skip
+        empty = dict.fromkeys(TRACE_COLUMNS)
+        return pa.Table.from_pylist(
+            [{**rows[b.name], **traces.get(b.name, empty)} for b in blocks],
+            schema=SENSITIVITY_SCHEMA,
+        )
+
+    def _drain(self) -> None:
+        """Wait out speculative calls still running, so the actors are idle after ``run``."""
+        refs = [r for c in getattr(self, "_inflight", {}).values() for r in c.refs]
+        if refs:
+            ray.wait(refs, num_returns=len(refs), timeout=self.config.collective_timeout_s + 30)
+        self._inflight = {}
+
+    def close(self) -> None:
+        """Kill the actors; shut Ray down if this backend started it (idempotent)."""
+        for row in self.actors:
+            for actor in row:
+                ray.kill(actor, no_restart=True)
+        self.actors = []
+        if self._owns_ray and ray.is_initialized():
+            ray.shutdown()
+        self._owns_ray = False

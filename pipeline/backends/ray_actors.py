@@ -1,0 +1,200 @@
+"""The Ray actor of the Ray Hessian backend: one data shard, one member of a block group.
+
+A :class:`HessianWorker` holds a ``HessianOperator`` over its shard of the job's batches. The
+``world`` workers of one block group form a ``torch.distributed`` process group (gloo on CPU,
+nccl on whole GPUs) whose ``all_reduce`` is the operator's ``allreduce`` hook, so every worker
+of a group runs the same deterministic solver in lockstep and ends with the same numbers.
+
+Fault model: every collective call carries the group generation ``gen``; a worker whose
+process group failed (a peer died, a collective timed out) or that was restarted by Ray (fresh
+``__init__``, no group) refuses calls with :class:`GroupError` until the driver rebuilds the
+group (``rendezvous`` + ``join`` + ``load`` with a new ``gen``). Algorithmic errors
+(``HessianError``, ``ValueError``, ...) pass through unchanged: retrying cannot fix them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+from collections.abc import Iterator, Mapping, Sequence
+
+import ray
+import torch
+import torch.distributed as dist
+
+from hawq.hvp import HessianError, HessianOperator
+from hawq.sensitivity import block_eigen_row
+from hawq.trace import rademacher_probe
+from pipeline.backends.base import Batch, HessianJob
+
+logger = logging.getLogger(__name__)
+
+FATAL_ERRORS: tuple[type[BaseException], ...] = (
+    HessianError,
+    ValueError,
+    TypeError,
+    FloatingPointError,
+)
+"""Errors that a rebuilt group would raise again: the driver re-raises them at once."""
+
+EIGEN_RESULT_KEYS = ("eigenvalue", "eigenvalues", "hvps", "residual", "converged", "seconds")
+"""The computed part of an eigen row; the driver adds the static columns (name, n_params, ...)."""
+
+
+class GroupError(RuntimeError):
+    """The worker's process group is missing, stale or broken: the driver must rebuild it."""
+
+
+class HessianWorker:
+    """Rank ``rank`` of block group ``group`` (``world`` data shards); see the module doc."""
+
+    def __init__(
+        self,
+        group: int,
+        rank: int,
+        world: int,
+        *,
+        device: str,
+        threads: int,
+        timeout_s: float,
+        memory_budget_bytes: int | None,
+        use_job_budget: bool,
+    ) -> None:
+        torch.set_num_threads(threads)
+        self.group, self.rank, self.world = group, rank, world
+        self.device = torch.device(device)
+        self.timeout = datetime.timedelta(seconds=timeout_s)
+        self.memory_budget_bytes = memory_budget_bytes
+        self.use_job_budget = use_job_budget
+        self._gen: int | None = None
+        self._broken = False
+        self._store: dist.TCPStore | None = None
+        self._op: HessianOperator | None = None
+        self._job: HessianJob | None = None
+        self._blocks: dict = {}
+        self._dims: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ group management
+    def ping(self) -> dict:
+        """Where this worker runs (node id, pid) and its group generation."""
+        return {
+            "node": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(),
+            "gen": self._gen,
+        }
+
+    def rendezvous(self) -> tuple[str, int]:
+        """Rank 0 only: start a TCP store on a free port of this node; return its address."""
+        if self.rank != 0:
+            raise RuntimeError("rendezvous runs on rank 0")
+        self._leave()
+        host = ray.util.get_node_ip_address()
+        self._store = dist.TCPStore(
+            host, 0, self.world, is_master=True, timeout=self.timeout, wait_for_workers=False
+        )
+        return host, self._store.port
+
+    def join(self, host: str, port: int, gen: int) -> int:
+        """(Re)build the process group of generation ``gen`` (a no-op group when world is 1)."""
+        self._leave()
+        if self.world > 1:
+            store = self._store if self.rank == 0 else None
+            if store is None:
+                store = dist.TCPStore(host, port, self.world, is_master=False, timeout=self.timeout)
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            dist.init_process_group(
+                backend,
+                store=dist.PrefixStore(f"gen{gen}/", store),
+                rank=self.rank,
+                world_size=self.world,
+                timeout=self.timeout,
+            )
+        self._gen, self._broken = gen, False
+        return gen
+
+    def _leave(self) -> None:
+        if self._op is not None:
+            self._op.close()
+            self._op = None
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception as exc:  # noqa: BLE001 - a broken group may fail to tear down
+                logger.warning("destroying a broken process group failed: %s", exc)
+        self._gen = None
+
+    def _allreduce(self, t: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(t)
+        return t
+
+    @contextlib.contextmanager
+    def _guard(self, gen: int) -> Iterator[None]:
+        """Check the group generation; turn non-algorithmic failures into :class:`GroupError`."""
+        if self._broken or gen != self._gen:
+            raise GroupError(
+                f"worker g{self.group}/r{self.rank}: group generation {self._gen} "
+                f"(broken={self._broken}) cannot serve a call for generation {gen}"
+            )
+        try:
+            yield
+        except FATAL_ERRORS:
+            raise
+        except Exception as exc:
+            self._broken = True
+            raise GroupError(
+                f"worker g{self.group}/r{self.rank}: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    # ------------------------------------------------------------------ work
+    def load(self, gen: int, job: HessianJob, shard: Sequence[Batch]) -> dict:
+        """Build the model and the operator over this worker's shard (one all-reduce)."""
+        with self._guard(gen):
+            return self._load(job, shard)
+
+    def _load(self, job: HessianJob, shard: Sequence[Batch]) -> dict:
+        if self._op is not None:
+            self._op.close()
+            self._op = None
+        model = job.instantiate(self.device)
+        batches = [(x.to(self.device), y.to(self.device)) for x, y in shard]
+        budget = job.config.memory_budget_bytes if self.use_job_budget else self.memory_budget_bytes
+        self._op = HessianOperator(
+            model,
+            job.loss_fn,
+            batches,
+            job.blocks,
+            memory_budget_bytes=budget,
+            allreduce=self._allreduce if self.world > 1 else None,
+        )
+        self._job = job
+        self._blocks = {b.name: b for b in job.blocks}
+        self._dims = {b.name: self._op.dim(b.name) for b in job.blocks}
+        return {"n_samples": self._op.n_samples, "local_samples": sum(len(y) for _, y in shard)}
+
+    def eigen(self, gen: int, block: str) -> dict:
+        """The computed eigen columns of ``block`` (``EIGEN_RESULT_KEYS``): scalars only."""
+        with self._guard(gen):
+            assert self._op is not None and self._job is not None
+            row = block_eigen_row(self._op, self._blocks[block], self._job.config)
+        return {k: row[k] for k in EIGEN_RESULT_KEYS}
+
+    def probe(self, gen: int, p: int) -> dict[str, float]:
+        """Hutchinson probe ``p``: ``{block: v_b^T (H v)_b}`` from one joint HVP over all blocks."""
+        with self._guard(gen):
+            assert self._op is not None and self._job is not None
+            op, seed = self._op, self._job.config.seed
+            vs = rademacher_probe(self._dims, seed, p, dtype=op.dtype, device=op.device)
+            hv = op.hvp_joint(vs)
+        return {b: float(vs[b].double() @ hv[b].double()) for b in self._dims}
+
+    def counters(self) -> Mapping[str, int]:
+        """HVPs applied and first-order graphs cached by this worker's current operator."""
+        if self._op is None:
+            return {"hvps": 0, "cached_batches": 0, "graph_bytes": 0}
+        return {
+            "hvps": self._op.hvp_count,
+            "cached_batches": self._op.cached_batches,
+            "graph_bytes": self._op.graph_bytes,
+        }

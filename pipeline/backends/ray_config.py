@@ -1,0 +1,79 @@
+"""Configuration of the Ray Hessian backend (importable without Ray)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+
+def _check_number(name: str, value: Any, *, low: float, integer: bool = False) -> None:
+    kinds = int if integer else int | float
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise ValueError(f"{name} must be {'an int' if integer else 'a number'}, got {value!r}")
+    if not (math.isfinite(value) and value >= low):
+        raise ValueError(f"{name} must be >= {low}, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RayBackendConfig:
+    """Where and how wide to run (validated on construction).
+
+    address: ``None`` starts a local Ray instance sized by ``num_cpus``/``num_gpus`` (all
+        of the machine by default) unless Ray is already initialised; ``"host:port"`` joins.
+    data_shards / block_groups: the ``D x G`` actor grid.
+    memory_budget_mb: per-actor cap on cached first-order graphs; ``None`` uses the job's
+        ``HessianConfig.memory_budget_mb``.
+    torch_threads: intra-op threads per actor (default ``max(1, int(cpus_per_actor))``).
+    collective_timeout_s: gloo/nccl timeout, so a group with a dead member never hangs.
+    max_retries: attempts per work item beyond the first before the run fails.
+    """
+
+    address: str | None = None
+    data_shards: int = 1
+    block_groups: int = 1
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    memory_budget_mb: float | None = None
+    max_actor_restarts: int = 3
+    max_retries: int = 3
+    torch_threads: int | None = None
+    collective_timeout_s: float = 300.0
+    start_timeout_s: float = 300.0
+    spread: bool = True
+    num_cpus: int | None = None
+    num_gpus: int | None = None
+    object_store_mb: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.address is not None and (not isinstance(self.address, str) or not self.address):
+            raise ValueError(f"address must be None or 'host:port', got {self.address!r}")
+        _check_number("data_shards", self.data_shards, low=1, integer=True)
+        _check_number("block_groups", self.block_groups, low=1, integer=True)
+        _check_number("cpus_per_actor", self.cpus_per_actor, low=0)
+        _check_number("gpus_per_actor", self.gpus_per_actor, low=0)
+        if self.memory_budget_mb is not None:
+            _check_number("memory_budget_mb", self.memory_budget_mb, low=0)
+        _check_number("max_actor_restarts", self.max_actor_restarts, low=0, integer=True)
+        _check_number("max_retries", self.max_retries, low=0, integer=True)
+        if self.torch_threads is not None:
+            _check_number("torch_threads", self.torch_threads, low=1, integer=True)
+        _check_number("collective_timeout_s", self.collective_timeout_s, low=1)
+        _check_number("start_timeout_s", self.start_timeout_s, low=1)
+        if not isinstance(self.spread, bool):
+            raise ValueError(f"spread must be a bool, got {self.spread!r}")
+        for name in ("num_cpus", "num_gpus"):
+            if getattr(self, name) is not None:
+                _check_number(name, getattr(self, name), low=0, integer=True)
+        if self.object_store_mb is not None:
+            _check_number("object_store_mb", self.object_store_mb, low=1)
+        if self.gpus_per_actor > 1 and self.gpus_per_actor != int(self.gpus_per_actor):
+            raise ValueError(f"gpus_per_actor above 1 must be whole, got {self.gpus_per_actor}")
+
+    @property
+    def n_actors(self) -> int:
+        return self.data_shards * self.block_groups
+
+    @property
+    def threads(self) -> int:
+        return self.torch_threads or max(1, int(self.cpus_per_actor))

@@ -1,0 +1,110 @@
+"""Stage ``hessian``: per-block top eigenvalue(s) and trace, through the configured backend.
+
+Each block's eigen row is written to ``blocks/<index>.parquet`` the moment it finishes; a
+resumed run passes those rows to the backend as ``done`` so only the missing blocks (and the
+Hutchinson trace, which needs every block at once) are computed. Output: ``sensitivity.parquet``
+(``hawq.sensitivity.SENSITIVITY_SCHEMA`` + ``stage_key``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pyarrow as pa
+import torch
+
+from hawq.blocks import partition_blocks
+from hawq.sensitivity import EIGEN_COLUMNS, SENSITIVITY_SCHEMA, HessianConfig
+from pipeline.backends.base import HessianJob
+from pipeline.config import RunConfig, section_dict
+from pipeline.models import loss_fn_for, model_factory
+from pipeline.stages.base import Params, StageContext, flat
+
+log = logging.getLogger(__name__)
+
+ROWS_DIR = "blocks"
+EIGEN_SCHEMA = pa.schema([SENSITIVITY_SCHEMA.field(c) for c in EIGEN_COLUMNS])
+
+
+def params(cfg: RunConfig, fingerprint: str) -> Params:
+    """The hessian section and the Hessian sample sizes (the backend does not change rows)."""
+    return {
+        **flat("hessian", section_dict(cfg, "hessian")),
+        "data.hessian_samples": cfg.data.hessian_samples,
+        "data.hessian_batch_size": cfg.data.hessian_batch_size,
+    }
+
+
+def hessian_config(cfg: RunConfig) -> HessianConfig:
+    """``hawq.sensitivity.HessianConfig`` from the ``hessian`` section."""
+    h = cfg.hessian
+    extra = {} if h.memory_budget_mb is None else {"memory_budget_mb": h.memory_budget_mb}
+    return HessianConfig(
+        method=h.method,
+        tol=h.tol,
+        max_iter=h.max_iter,
+        top_k=h.top_k,
+        trace=h.trace,
+        trace_tol=h.trace_tol,
+        trace_max_probes=h.trace_max_probes,
+        trace_min_probes=h.trace_min_probes,
+        seed=h.seed,
+        **extra,
+    )
+
+
+def make_job(ctx: StageContext) -> HessianJob:
+    """The self-contained job a backend runs (batches cast to ``hessian.dtype``)."""
+    cfg = ctx.cfg
+    dtype = torch.float64 if cfg.hessian.dtype == "float64" else torch.float32
+    blocks = partition_blocks(ctx.float_model(), grouping=cfg.hessian.grouping)
+    return HessianJob(
+        build_model=model_factory(cfg.model),
+        state_dict=ctx.float_weights(),
+        loss_fn=loss_fn_for(cfg),
+        batches=[(x.to(dtype), y) for x, y in ctx.data.hessian],
+        blocks=blocks,
+        config=hessian_config(cfg),
+        dtype=dtype,
+        metadata={"run": cfg.run.name, "stage_key": ctx.key},
+    )
+
+
+def _done_rows(ctx: StageContext) -> dict[str, dict]:
+    rows = {}
+    folder = ctx.path(ROWS_DIR)
+    if folder.exists():
+        for f in sorted(folder.glob("[!.]*.parquet")):
+            table = ctx.store.read_table(ctx.stage, f"{ROWS_DIR}/{f.name}", key=ctx.key)
+            for row in table.drop_columns(["stage_key"]).to_pylist():
+                rows[row["block"]] = row
+    return rows
+
+
+def run(ctx: StageContext) -> None:
+    """Run the backend, persisting each block's row as it finishes."""
+    job = make_job(ctx)
+    index = {b.name: i for i, b in enumerate(job.blocks)}
+    done = {k: v for k, v in _done_rows(ctx).items() if k in index}
+    total = len(job.blocks)
+    finished = len(done)
+    if done:
+        log.info("hessian: %d/%d blocks already done, computing the rest", finished, total)
+    ctx.report_progress(finished, total, "blocks")
+
+    def on_row(row: dict) -> None:
+        nonlocal finished
+        table = pa.Table.from_pylist([{c: row[c] for c in EIGEN_COLUMNS}], schema=EIGEN_SCHEMA)
+        ctx.write_table(f"{ROWS_DIR}/{index[row['block']]:04d}.parquet", table)
+        finished += 1
+        ctx.report_progress(finished, total, "blocks")
+        ctx.pause(f"block:{finished}")
+
+    backend = ctx.backend() if ctx.backend is not None else None
+    if backend is None:
+        raise RuntimeError("the hessian stage needs a backend")
+    try:
+        table = backend.run(job, done=done, on_row=on_row, progress=ctx.progress)
+    finally:
+        backend.close()
+    ctx.write_table("sensitivity.parquet", table.cast(SENSITIVITY_SCHEMA))

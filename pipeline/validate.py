@@ -1,0 +1,120 @@
+"""Checks that run before any work and create nothing: run dir, identity, model vs data, target.
+
+Each failure is a :class:`~pipeline.config.ConfigError` or
+:class:`~pipeline.atomic.StoreError` whose message names the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.atomic import StoreError
+from pipeline.config import ConfigError, RunConfig, section_dict
+from pipeline.data import DataBundle
+from pipeline.store import RunStore
+
+__all__ = ["check_identity", "check_run_dir", "identity_of", "preflight"]
+
+
+def check_run_dir(root: Path) -> None:
+    """The run dir must be a (new, empty or hawq) directory we can write; probe, leave nothing."""
+    if root.exists() and not root.is_dir():
+        raise StoreError(f"run dir {root} is a file. Fix: pass --run-dir with a directory path.")
+    store = RunStore(root)
+    if root.is_dir() and any(root.iterdir()) and not store.exists():
+        raise StoreError(
+            f"run dir {root} is not empty and holds no hawq run (no config.yaml). "
+            "Fix: pass --run-dir with a new or empty directory."
+        )
+    probe_dir = root
+    while not probe_dir.exists():
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise StoreError(
+            f"run dir {root} cannot be created: {probe_dir} is not a directory. "
+            "Fix: pass --run-dir with a writable location."
+        )
+    fix = "Fix: pass --run-dir with a writable location."
+    if probe_dir == root:  # existing dir: ask, touching nothing
+        if not os.access(root, os.W_OK | os.X_OK):
+            raise StoreError(f"run dir {root} is not writable. {fix}")
+        return
+    probe = probe_dir / f".hawq-probe-{uuid.uuid4().hex}.tmp"
+    try:  # a real probe: permissions, read-only mounts and pseudo file systems alike
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise StoreError(
+            f"run dir {root} is not writable ({exc.strerror or exc} in {probe_dir}). {fix}"
+        ) from None
+
+
+def identity_of(cfg: RunConfig, data: DataBundle) -> dict[str, Any]:
+    """What a run dir is for: the model config and the data fingerprint."""
+    return {
+        "model": section_dict(cfg, "model"),
+        "data": {"name": data.name, "location": data.location, "fingerprint": data.fingerprint},
+    }
+
+
+def check_identity(store: RunStore, ident: dict[str, Any]) -> None:
+    """Refuse a run dir made for another model or dataset."""
+    if not store.identity_path.exists():
+        return
+    try:
+        old = json.loads(store.identity_path.read_text())
+    except ValueError:
+        raise StoreError(
+            f"{store.identity_path} is corrupt. Fix: use a new --run-dir (or delete {store.root})."
+        ) from None
+    problems = []
+    old_model, new_model = old.get("model", {}), ident["model"]
+    for k in sorted(set(old_model) | set(new_model)):
+        if old_model.get(k) != new_model.get(k):
+            problems.append(f"model.{k} {old_model.get(k)!r} (now {new_model.get(k)!r})")
+    old_fp, new_fp = old.get("data", {}).get("fingerprint"), ident["data"]["fingerprint"]
+    if old_fp != new_fp:
+        problems.append(f"data {old_fp} (now {new_fp})")
+    if problems:
+        raise StoreError(
+            f"run dir {store.root} was made for another model or dataset: "
+            + "; ".join(problems)
+            + ". Fix: pass a new --run-dir for this config (or delete the old run dir)."
+        )
+
+
+def preflight(cfg: RunConfig, data: DataBundle, device: torch.device) -> None:
+    """Fail before any work: checkpoint, model vs data shapes, blocks, size target."""
+    from hawq.blocks import partition_blocks
+    from pipeline.models import build_model
+    from pipeline.stages.allocate import check_feasibility
+
+    model = build_model(cfg.model).to(device).eval()  # loads (and checks) the checkpoint
+    example = data.eval_x[:2].to(device)
+    try:
+        with torch.no_grad():
+            out = model(example)
+    except RuntimeError as exc:
+        raise ConfigError(
+            "model",
+            f"{cfg.model.name} cannot take the data's inputs {tuple(example.shape)} "
+            f"({str(exc).splitlines()[0]}); check model.in_channels / image_size and data",
+        ) from None
+    if out.shape[-1] != data.num_classes:
+        raise ConfigError(
+            "model.num_classes",
+            f"the model outputs {out.shape[-1]} classes but data has {data.num_classes}",
+        )
+    try:
+        blocks = partition_blocks(model, grouping=cfg.hessian.grouping)
+    except ValueError as exc:
+        raise ConfigError("hessian.grouping", str(exc)) from None
+    if not blocks:
+        raise ConfigError("model", f"{cfg.model.name} has no Conv/Linear layers to quantize")
+    check_feasibility(cfg, model, blocks, example[:1])
