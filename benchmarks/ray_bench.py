@@ -8,7 +8,8 @@ Prints one table from one run of this script:
   * bytes the driver ``ray.get``s per run and per Hessian-vector product, against the bytes of
     one parameter vector (what a driver-side sum of HVPs would move per actor and iteration).
 Work is fixed (Lanczos to ``--tol``, exactly ``--probes`` Hutchinson probes), so all rows do the
-same HVPs; times are the minimum over ``--reps`` warm runs. On a shared machine, compare ratios.
+same HVPs. Repetitions interleave all configurations; times are the minimum over ``--reps``
+warm runs (after one cold run each). On a shared machine, compare ratios.
 
     python benchmarks/ray_bench.py [--data ../shared/data/cifar10] [--batches 3] [--batch 32]
         [--probes 6] [--reps 2]
@@ -67,17 +68,10 @@ def make_job(args: argparse.Namespace) -> HessianJob:
     )
 
 
-def timed(backend, job: HessianJob, reps: int) -> tuple[float, float, object]:
-    """(first run seconds, min over ``reps`` further runs, last table)."""
+def run_once(backend, job: HessianJob) -> tuple[float, object]:
     t0 = time.perf_counter()
     table = backend.run(job, progress=False)
-    cold = time.perf_counter() - t0
-    warm = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        table = backend.run(job, progress=False)
-        warm.append(time.perf_counter() - t0)
-    return cold, min(warm), table
+    return time.perf_counter() - t0, table
 
 
 def main() -> None:
@@ -98,31 +92,48 @@ def main() -> None:
         f"{args.batches} batches x {args.batch} images, {args.probes} probes, tol {args.tol}"
     )
 
-    cold, local, ref = timed(LocalBackend(), job, args.reps)
-    hvps = sum(ref.column("hvps").to_pylist()) + args.probes
-    print(f"local backend (1 thread): {local:.2f}s warm, {cold:.2f}s first; {hvps} HVPs")
-
-    ray.init(address="local", num_cpus=2, object_store_memory=256 * 2**20, include_dashboard=False)
+    # All actors exist at once (Ray's CPU count is bookkeeping: idle actors use no CPU) so that
+    # the repetitions can interleave every configuration and machine noise hits all alike.
+    ray.init(address="local", num_cpus=8, object_store_memory=256 * 2**20, include_dashboard=False)
     grids = {
         "1 actor x 1 thread": dict(cpus_per_actor=1, torch_threads=1),
         "1 actor x 2 threads": dict(cpus_per_actor=2, torch_threads=2),
         "2 actors x 1 thread (2 shards)": dict(data_shards=2, cpus_per_actor=1),
         "2 actors x 1 thread (2 groups)": dict(block_groups=2, cpus_per_actor=1),
     }
-    rows = []
-    for name, kw in grids.items():
-        backend = RayBackend(RayBackendConfig(**kw))
-        try:
-            cold, warm, table = timed(backend, job, args.reps)
-        finally:
+    backends = {"local backend (1 thread)": LocalBackend()}
+    backends.update({name: RayBackend(RayBackendConfig(**kw)) for name, kw in grids.items()})
+    first: dict[str, float] = {}
+    times: dict[str, list[float]] = {name: [] for name in backends}
+    stats: dict[str, dict] = {}
+    tables = {}
+    try:
+        for rep in range(args.reps + 1):  # rep 0: cold (actor start-up, first graphs)
+            for name, backend in backends.items():
+                seconds, tables[name] = run_once(backend, job)
+                if rep:
+                    times[name].append(seconds)
+                else:
+                    first[name] = seconds
+                stats[name] = dict(getattr(backend, "stats", {}))
+                print(f"  rep {rep} {name}: {seconds:.2f}s", flush=True)
+    finally:
+        for backend in backends.values():
             backend.close()
+        ray.shutdown()
+    ref = tables["local backend (1 thread)"]
+    hvps = sum(ref.column("hvps").to_pylist()) + args.probes
+    local = min(times["local backend (1 thread)"])
+    rows = []
+    for name in grids:
         drift = max(
             abs(a - b) / abs(b)
-            for a, b in zip(table.column("eigenvalue").to_pylist(),
+            for a, b in zip(tables[name].column("eigenvalue").to_pylist(),
                             ref.column("eigenvalue").to_pylist(), strict=True)
         )  # fmt: skip
-        rows.append((name, cold, warm, dict(backend.stats), drift))
-    ray.shutdown()
+        rows.append((name, first[name], min(times[name]), stats[name], drift))
+    print(f"local backend (1 thread): {local:.2f}s warm, {first['local backend (1 thread)']:.2f}s "
+          f"first; {hvps} HVPs per run")  # fmt: skip
 
     base = {name: warm for name, _, warm, _, _ in rows}
     print(f"\n{'configuration':32s} {'first s':>8s} {'warm s':>8s} {'vs local':>9s} "
@@ -133,9 +144,9 @@ def main() -> None:
     print(f"\n{'configuration':32s} {'bytes/run':>10s} {'bytes/HVP':>10s} {'vector B':>10s} "
           f"{'ratio':>9s}")  # fmt: skip
     vector = 4 * n_params  # one float32 parameter vector
-    for name, _, _, stats, _ in rows:
-        per_hvp = stats["bytes_to_driver"] / hvps
-        print(f"{name:32s} {stats['bytes_to_driver']:10d} {per_hvp:10.1f} {vector:10d} "
+    for name, _, _, st, _ in rows:
+        per_hvp = st["bytes_to_driver"] / hvps
+        print(f"{name:32s} {st['bytes_to_driver']:10d} {per_hvp:10.1f} {vector:10d} "
               f"{per_hvp / vector:9.2e}")  # fmt: skip
     overhead = base["1 actor x 1 thread"] / local - 1
     print(f"\nRay 1-actor overhead vs local (warm): {100 * overhead:+.1f}% (target <= +10%)")

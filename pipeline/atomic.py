@@ -110,14 +110,14 @@ def atomic_write_tensors(
 def corrupt_error(path: Path, what: str, err: Exception) -> StoreError:
     return StoreError(
         f"{path}: {what} is truncated or corrupt ({type(err).__name__}: {err}). "
-        f"Fix: delete this file and run `hawq resume {_run_dir_of(path)}` to recompute it."
+        f"Fix: run `hawq resume {_run_dir_of(path)} --repair` (deletes it and recomputes it)."
     )
 
 
 def _run_dir_of(path: Path) -> Path:
     for parent in Path(path).parents:
-        if any((parent / m).exists() for m in RUN_DIR_MARKERS):
-            return parent
+        if parent.name == "stages" or any((parent / m).exists() for m in RUN_DIR_MARKERS):
+            return parent.parent if parent.name == "stages" else parent
     return Path(path).parent
 
 

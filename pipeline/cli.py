@@ -44,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("resume", help="continue a run from its run dir")
     r.add_argument("run_dir")
     r.add_argument("--until", metavar="STAGE", help="stop after this stage")
+    r.add_argument(
+        "--repair", action="store_true", help="delete truncated/corrupt files and recompute them"
+    )
 
     r = sub.add_parser("status", help="stages done / running / pending, and what runs next")
     r.add_argument("run_dir")
@@ -150,7 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from pipeline.scheduler import resume
 
             _check_until(args.until)
-            _print_outcome(resume(args.run_dir, progress=progress, until=args.until))
+            outcome = resume(args.run_dir, progress=progress, until=args.until, repair=args.repair)
+            _print_outcome(outcome)
         elif args.command == "status":
             _cmd_status(args.run_dir)
         elif args.command == "report":

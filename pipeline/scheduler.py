@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,13 @@ from typing import Any
 import torch
 
 import hawq
-from pipeline.atomic import StoreError, atomic_write_json, atomic_write_text, pause_point
+from pipeline.atomic import (
+    StoreError,
+    atomic_write_json,
+    atomic_write_text,
+    check_file,
+    pause_point,
+)
 from pipeline.config import ConfigError, RunConfig, config_to_yaml, load_config
 from pipeline.data import DataBundle, load_data
 from pipeline.stages import STAGES, StageContext
@@ -68,6 +74,7 @@ class Prepared:
     device: torch.device
     plan: list[StagePlan]
     identity: dict[str, Any]
+    corrupt: list[Path] = field(default_factory=list)  # deleted by execute (``repair``)
 
 
 @dataclass(kw_only=True)
@@ -115,9 +122,15 @@ def _explain(old_json: str | None, new: Params, changed_upstream: list[str]) -> 
     return f"code version changed (hawq {hawq.__version__})"
 
 
-def make_plan(store: RunStore, keys: dict[str, tuple[str, Params]]) -> list[StagePlan]:
-    """Compare each stage's key with the manifest: skip, run, resume or re-run."""
-    manifest = store.read_manifest()
+def make_plan(
+    store: RunStore, keys: dict[str, tuple[str, Params]], corrupt: Sequence[Path] = ()
+) -> list[StagePlan]:
+    """Compare each stage's key with the manifest: skip, run, resume or re-run.
+
+    Files in ``corrupt`` count as missing (``execute`` deletes them first); a corrupt manifest
+    counts as none (every stage re-runs).
+    """
+    manifest = {} if store.manifest_path in corrupt else store.read_manifest()
     plan: list[StagePlan] = []
     rerun: set[str] = set()
     for st in STAGES:
@@ -141,7 +154,13 @@ def make_plan(store: RunStore, keys: dict[str, tuple[str, Params]]) -> list[Stag
                 reason="interrupted; resuming from its saved progress",
             )  # fmt: skip
         else:
-            missing = [o for o in st.outputs if not (store.stage_dir(st.name) / o).exists()]
+            bad = set(corrupt)
+            missing = [
+                o
+                for o in st.outputs
+                if not (store.stage_dir(st.name) / o).exists()
+                or store.stage_dir(st.name) / o in bad
+            ]
             if missing:
                 p = StagePlan(
                     stage=st.name, key=key, params=params, action="rerun",
@@ -155,8 +174,14 @@ def make_plan(store: RunStore, keys: dict[str, tuple[str, Params]]) -> list[Stag
     return plan
 
 
-def prepare(cfg: RunConfig, run_dir: str | os.PathLike | None = None) -> Prepared:
-    """Validate ``cfg`` against ``run_dir`` (default ``run.directory``); create nothing."""
+def prepare(
+    cfg: RunConfig, run_dir: str | os.PathLike | None = None, *, repair: bool = False
+) -> Prepared:
+    """Validate ``cfg`` against ``run_dir`` (default ``run.directory``); create nothing.
+
+    A truncated or corrupt file in the run dir is an error naming it, unless ``repair``: then
+    :func:`execute` deletes it and the stage that wrote it recomputes it.
+    """
     root = Path(run_dir if run_dir is not None else cfg.run.directory)
     check_run_dir(root)
     store = RunStore(root)
@@ -168,16 +193,36 @@ def prepare(cfg: RunConfig, run_dir: str | os.PathLike | None = None) -> Prepare
     from pipeline.config import check_paths
 
     check_paths(cfg)
-    store.read_manifest()  # a corrupt manifest fails here, naming the file
     data = load_data(cfg.data)
     ident = identity_of(cfg, data)
     check_identity(store, ident)
-    for st in STAGES:
-        store.check_stage(st.name)  # truncated/corrupt files fail here, naming the file
+    corrupt = _corrupt_files(store, repair)
     preflight(cfg, data, device)
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, run_dir=str(root)))
-    plan = make_plan(store, stage_keys(cfg, data.fingerprint))
-    return Prepared(cfg=cfg, store=store, data=data, device=device, plan=plan, identity=ident)
+    plan = make_plan(store, stage_keys(cfg, data.fingerprint), corrupt)
+    return Prepared(
+        cfg=cfg, store=store, data=data, device=device, plan=plan, identity=ident, corrupt=corrupt
+    )
+
+
+def _corrupt_files(store: RunStore, repair: bool) -> list[Path]:
+    """Truncated/corrupt run files: raise naming the first, or (``repair``) list them all."""
+    found = []
+    try:
+        store.read_manifest()
+    except StoreError:
+        if not repair:
+            raise
+        found.append(store.manifest_path)
+    for st in STAGES:
+        for path in store.stage_files(st.name):
+            try:
+                check_file(path)
+            except StoreError:
+                if not repair:
+                    raise
+                found.append(path)
+    return found
 
 
 # --------------------------------------------------------------------------- execution
@@ -198,6 +243,9 @@ def execute(
     outcome = RunOutcome(run_dir=store.root, plan=prep.plan)
     with store.lock():
         store.remove_temp_files()
+        for path in prep.corrupt:
+            log.warning("repair: deleting corrupt %s (its stage recomputes it)", path)
+            path.unlink(missing_ok=True)
         atomic_write_text(store.config_path, config_to_yaml(cfg))
         atomic_write_json(store.identity_path, prep.identity)
         todo = [p for p in prep.plan if p.action != "skip"]
@@ -247,9 +295,10 @@ def run(
     *,
     progress: bool = True,
     until: str | None = None,
+    repair: bool = False,
 ) -> RunOutcome:
     """Validate, then run every stage that is not done with its current key."""
-    return execute(prepare(cfg, run_dir), progress=progress, until=until)
+    return execute(prepare(cfg, run_dir, repair=repair), progress=progress, until=until)
 
 
 def load_run_config(run_dir: str | os.PathLike) -> RunConfig:
@@ -267,10 +316,15 @@ def load_run_config(run_dir: str | os.PathLike) -> RunConfig:
 
 
 def resume(
-    run_dir: str | os.PathLike, *, progress: bool = True, until: str | None = None
+    run_dir: str | os.PathLike,
+    *,
+    progress: bool = True,
+    until: str | None = None,
+    repair: bool = False,
 ) -> RunOutcome:
     """``run`` with the config stored in ``run_dir``."""
-    return run(load_run_config(run_dir), run_dir, progress=progress, until=until)
+    cfg = load_run_config(run_dir)
+    return run(cfg, run_dir, progress=progress, until=until, repair=repair)
 
 
 # --------------------------------------------------------------------------- status

@@ -31,10 +31,13 @@ import submitit
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-PORT_FLOOR = 20000  # ports live in [PORT_FLOOR, PORT_FLOOR + JOB_SLOTS * JOB_SPAN)
-JOB_SLOTS = 40  # job ids modulo this pick a port block
-JOB_SPAN = 1000  # ports per job: NODE_SPAN per node for up to 10 nodes on one host
+# Pinned ports stay below Linux's ephemeral range (32768-60999), where outgoing connections
+# would take them: [PORT_FLOOR, PORT_FLOOR + JOB_SLOTS * JOB_SPAN) = [10000, 32000).
+PORT_FLOOR = 10000
 NODE_SPAN = 100  # ports per Ray node: 10 fixed + 90 for worker processes
+NODES_PER_HOST = 4  # Ray nodes of one job that may share a host (emulated clusters)
+JOB_SPAN = NODE_SPAN * NODES_PER_HOST
+JOB_SLOTS = 55  # job ids modulo this pick a port block
 MIN_OBJECT_STORE = 80 * 1024**2  # Ray refuses less than ~75 MiB
 
 
@@ -87,11 +90,7 @@ def ray_ports(job_id: int, node_index: int) -> RayPorts:
     """
     if job_id < 0 or node_index < 0:
         raise ValueError(f"job_id {job_id} and node_index {node_index} must be >= 0")
-    base = (
-        PORT_FLOOR
-        + (job_id % JOB_SLOTS) * JOB_SPAN
-        + (node_index % (JOB_SPAN // NODE_SPAN)) * NODE_SPAN
-    )
+    base = PORT_FLOOR + (job_id % JOB_SLOTS) * JOB_SPAN + (node_index % NODES_PER_HOST) * NODE_SPAN
     return RayPorts(
         gcs=base,
         node_manager=base + 1,

@@ -126,6 +126,20 @@ def problem(request) -> Problem:
     return prob
 
 
+GROUPED = [("mlp", "layer"), ("cnn_bn", "layer"), ("residual", "layer"), ("residual", "residual")]
+
+
+@pytest.fixture(params=GROUPED, ids=[f"{p}-{g}" for p, g in GROUPED])
+def grouped(request) -> tuple[Problem, list]:
+    """``(problem, blocks)``: each network by layer, and the residual one also by residual block."""
+    from hawq.blocks import partition_blocks
+
+    name, grouping = request.param
+    prob = PROBLEMS[name]()
+    prob.model.eval()
+    return prob, partition_blocks(prob.model, grouping=grouping)
+
+
 @pytest.fixture
 def make_problem() -> Callable[[str], Problem]:
     """Factory: ``make_problem("mlp" | "cnn_bn" | "residual")``."""

@@ -101,7 +101,7 @@ CASES: dict[str, tuple[Setup, list[str]]] = {
     ),
     "truncated parquet in run dir": (
         _truncated_parquet,
-        ["stages/allocate/bits.parquet: Parquet file is truncated or corrupt", "delete this file"],
+        ["stages/allocate/bits.parquet: Parquet file is truncated or corrupt", "--repair"],
     ),
     "run dir of another model": (
         _other_model,

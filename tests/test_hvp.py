@@ -16,9 +16,8 @@ def _close(a, b, tol):
     return float((a - b).abs().max() / scale) <= tol
 
 
-@pytest.mark.parametrize("grouping", ["layer", "residual"])
-def test_block_hvp_matches_dense_block_hessian(problem, dense_block_hessian, grouping):
-    blocks = partition_blocks(problem.model, grouping=grouping)
+def test_block_hvp_matches_dense_block_hessian(grouped, dense_block_hessian):
+    problem, blocks = grouped
     gen = torch.Generator().manual_seed(0)
     with HessianOperator(problem.model, problem.loss_fn, problem.batches, blocks) as op:
         assert op.n_samples == sum(x.shape[0] for x, _ in problem.batches)

@@ -7,8 +7,10 @@ here). Actors form real gloo process groups. GPU actors (nccl) cannot run here a
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+import signal
 import sys
 from functools import partial
 
@@ -23,6 +25,7 @@ import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from hawq.blocks import partition_blocks  # noqa: E402
+from hawq.hvp import HessianError  # noqa: E402
 from hawq.sensitivity import EIGEN_COLUMNS, HessianConfig, analyze  # noqa: E402
 from pipeline.backends.base import HessianJob  # noqa: E402
 from pipeline.backends.ray import RayBackend, RayBackendConfig  # noqa: E402
@@ -104,7 +107,7 @@ def backend_config(data_shards: int, block_groups: int) -> RayBackendConfig:
     return RayBackendConfig(
         data_shards=data_shards,
         block_groups=block_groups,
-        cpus_per_actor=0.25,
+        cpus_per_actor=0.2,
         collective_timeout_s=30,
         start_timeout_s=120,
     )
@@ -171,6 +174,7 @@ class TestLocalCluster:
         table = backend.run(JOB, on_row=rows.append, progress=False)
         assert_same_rows(table.to_pylist(), truth)
         assert sorted(r["block"] for r in rows) == sorted(r["block"] for r in truth)
+        assert all(set(r) == set(EIGEN_COLUMNS) for r in rows)
         stats = backend.stats
         assert stats["recoveries"] == 0 and stats["blocks_computed"] == len(truth)
         assert stats["eigen_hvps"] == sum(r["hvps"] for r in truth)
@@ -208,6 +212,26 @@ class TestLocalCluster:
         assert sorted(i["key"] for e, i in events if e == "block") == sorted(
             r["block"] for r in truth
         )
+
+    def test_stalled_member_times_out_instead_of_hanging(self, backends, truth):
+        # SIGSTOP one member mid-block: its peer's all-reduce times out (gloo), the driver's
+        # ping to the stalled actor times out too, the actor is restarted and the block redone
+        backend = RayBackend(dataclasses.replace(backend_config(2, 1), collective_timeout_s=4))
+        stalled: list[int] = []
+
+        def hook(event: str, info: dict) -> None:
+            if event == "submit" and info["kind"] == "eigen" and not stalled:
+                stalled.append(backend.placement[(0, 1)]["pid"])
+                os.kill(stalled[0], signal.SIGSTOP)
+
+        backend.on_event = hook
+        try:
+            table = backend.run(JOB, progress=False)
+            assert stalled and backend.placement[(0, 1)]["pid"] != stalled[0]
+            assert backend.stats["recoveries"] == 1
+            assert_same_rows(table.to_pylist(), truth)
+        finally:
+            backend.close()
 
     def test_done_is_skipped_and_rows_stream_in_dispatch_order(self, backends, truth):
         backend = backends(3, 1)
@@ -252,6 +276,15 @@ class TestLocalCluster:
         # far below one parameter vector per HVP, which a driver-side reduction would pull
         hvps = 4 * 3 + 4  # 3 blocks x 4 power iterations + 4 probes
         assert wide["bytes_to_driver"] / hvps < 0.05 * 8 * wide["n_params"]
+
+    def test_algorithmic_errors_propagate_without_retries(self, backends):
+        x, y = JOB.batches[3]
+        poisoned = list(JOB.batches)
+        poisoned[3] = (x.clone().fill_(float("nan")), y)  # lives on shard 1 of 2
+        backend = backends(2, 2)
+        with pytest.raises(HessianError):
+            backend.run(dataclasses.replace(JOB, batches=poisoned), progress=False)
+        assert backend.stats["recoveries"] == 0
 
 
 class TestThreeNodeCluster:

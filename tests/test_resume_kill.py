@@ -112,6 +112,15 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path: Path, tmp_path_factory,
     text = _status(killed, capsys)
     assert _state(text, "allocate") == "done" and _state(text, "order") == "pending"
     assert "next: order" in text
+    capsys.readouterr()  # a partial run reports what it has so far
+    assert main(["-q", "report", str(killed), "--out", str(tmp_path / "partial")]) == 0
+    out = capsys.readouterr().out
+    assert "Per-block Hessian sensitivity" in out and "Allocation" in out and "Baseline" in out
+    assert sorted(p.name for p in (tmp_path / "partial").iterdir()) == [
+        "bits.png",
+        "pareto.png",
+        "sensitivity.png",
+    ]
 
     # 4. inside finetune: QAT stage 2 of 3, after its first epoch (global epoch 3 of 6).
     _run_until_pause(["resume", str(killed)], "finetune:epoch:3", marker)

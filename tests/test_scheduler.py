@@ -108,10 +108,23 @@ def test_missing_or_corrupt_output(tmp_path: Path, tmp_path_factory) -> None:
     # a truncated output stops the run before any work, naming the file and the fix ...
     sens = run / "stages/hessian/sensitivity.parquet"
     sens.write_bytes(sens.read_bytes()[:100])
-    with pytest.raises(StoreError, match=f"{sens}.*truncated or corrupt.*delete this file"):
+    with pytest.raises(StoreError, match=f"{sens}: Parquet file is truncated or corrupt.*--repair"):
         scheduler.prepare(cfg, run)
-    # ... and following the fix recomputes it from the per-block rows, bit for bit
-    sens.unlink()
-    out = scheduler.run(cfg, run, progress=False)
-    assert [p.stage for p in out.plan if p.action != "skip"] == ["hessian"]
+    # ... and --repair deletes it and recomputes it from the per-block rows, bit for bit; a
+    # corrupt per-block row of that stage is recomputed too
+    block = run / "stages/hessian/blocks/0001.parquet"
+    block.write_bytes(b"garbage")
+    out = scheduler.resume(run, progress=False, repair=True)
+    assert [(p.stage, p.reason) for p in out.plan if p.action != "skip"] == [
+        ("hessian", "output sensitivity.parquet missing")
+    ]
+    assert assert_same_outputs(original, run) >= 20
+
+    # a corrupt manifest under --repair: every stage recomputes, with identical results
+    manifest = run / "manifest.parquet"
+    manifest.write_bytes(manifest.read_bytes()[:-30])
+    with pytest.raises(StoreError, match="manifest.parquet: Parquet file is truncated"):
+        scheduler.resume(run, progress=False)
+    out = scheduler.resume(run, progress=False, repair=True)
+    assert list(out.seconds) == ORDER
     assert assert_same_outputs(original, run) >= 20

@@ -35,7 +35,7 @@ from slurm.launch import (
     sbatch_script,
     submit_run,
 )
-from slurm.ray_cluster import JOB_SLOTS, NodeResources, ray_ports
+from slurm.ray_cluster import JOB_SLOTS, NODES_PER_HOST, NodeResources, ray_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden"
@@ -150,12 +150,12 @@ def test_checkpoint_requeues_the_same_callable_unless_disabled(tmp_path):
 def test_ray_ports_are_pinned_and_disjoint():
     seen: dict[int, tuple[int, int]] = {}
     for job_id in range(JOB_SLOTS):
-        for rank in range(3):
+        for rank in range(NODES_PER_HOST):
             ports = ray_ports(job_id, rank)
             fixed = [v for k, v in vars(ports).items() if k not in ("min_worker", "max_worker")]
             values = [*fixed, *range(ports.min_worker, ports.max_worker + 1)]
             for port in values:
-                assert 1024 < port < 65536
+                assert 1024 < port < 32768  # below the ephemeral range
                 assert port not in seen, f"{port}: job {job_id} rank {rank} vs {seen[port]}"
                 seen[port] = (job_id, rank)
     assert ray_ports(7, 0) == ray_ports(7 + JOB_SLOTS, 0)  # ids wrap around
@@ -200,8 +200,8 @@ def test_debug_executor_runs_then_resumes_the_pipeline(tmp_path, capsys):
 
 
 def _free_port_block(count: int) -> int:
-    """A base port whose ``count`` successors are free on localhost now."""
-    for base in range(30000 + os.getpid() % 97 * 100, 60000, 100):
+    """A base port whose ``count`` successors are free now (above the ephemeral range)."""
+    for base in range(61000 + os.getpid() % 40 * 100, 65000, 100):
         socks = []
         try:
             for port in range(base, base + count):

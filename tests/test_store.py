@@ -90,7 +90,7 @@ def test_truncated_parquet_is_reported_with_path_and_fix(tmp_path: Path, keep: f
             check(path)
         msg = str(err.value)
         assert str(path) in msg and "truncated or corrupt" in msg
-        assert "delete this file" in msg and f"hawq resume {tmp_path}" in msg
+        assert f"Fix: run `hawq resume {tmp_path} --repair`" in msg
 
 
 def test_truncated_safetensors_is_reported(tmp_path: Path) -> None:

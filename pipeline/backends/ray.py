@@ -74,7 +74,8 @@ class RayBackend:
 
     ``on_event(kind, info)`` is an optional monitoring/test hook called on the driver for
     ``"submit"``, ``"block"``, ``"probe"`` and ``"recover"`` events. ``stats`` describes the
-    last run; ``actors[g][d]`` are the live actor handles.
+    last run; ``actors[g][d]`` are the live actor handles, ``placement[(g, d)]`` their node
+    and process id.
     """
 
     def __init__(
@@ -87,7 +88,7 @@ class RayBackend:
         self.actors: list[list[ray.actor.ActorHandle]] = []
         self.stats: dict[str, Any] = {}
         self._owns_ray = False
-        self.nodes: list[str] = []
+        self.placement: dict[tuple[int, int], dict] = {}
         self._gens = [0] * self.config.block_groups
 
     # ------------------------------------------------------------------ cluster and actors
@@ -135,6 +136,7 @@ class RayBackend:
                     d,
                     cfg.data_shards,
                     device=device,
+                    collective="nccl" if cfg.gpus_per_actor >= 1 else "gloo",
                     threads=cfg.threads,
                     timeout_s=cfg.collective_timeout_s,
                     memory_budget_bytes=budget,
@@ -152,8 +154,10 @@ class RayBackend:
                 f"{cfg.n_actors} actors did not start within {cfg.start_timeout_s}s "
                 f"(cluster resources: {ray.cluster_resources()})"
             ) from exc
-        self.nodes = sorted({i["node"] for i in info})
-        logger.info("started %d actors on %d node(s)", cfg.n_actors, len(self.nodes))
+        grid = [(g, d) for g in range(cfg.block_groups) for d in range(cfg.data_shards)]
+        self.placement = dict(zip(grid, info, strict=True))
+        nodes = len({i["node"] for i in info})
+        logger.info("started %d actors on %d node(s)", cfg.n_actors, nodes)
 
     def _get(self, refs: Any, **kwargs: Any) -> Any:
         """``ray.get`` that counts the pickled bytes of everything it brings to the driver."""
@@ -168,7 +172,8 @@ class RayBackend:
         for d, actor in enumerate(self.actors[g]):
             while True:
                 try:
-                    self._get(actor.ping.remote(), timeout=self.config.collective_timeout_s + 30)
+                    timeout = 2 * self.config.collective_timeout_s
+                    self.placement[(g, d)] = self._get(actor.ping.remote(), timeout=timeout)
                     break
                 except ray.exceptions.ActorDiedError as exc:
                     raise RuntimeError(
@@ -320,6 +325,7 @@ class RayBackend:
         while p not in self._samples:
             self._step()
         self.stats["probes_used"] = p + 1
+        self._bar.update(1)
         return self._samples.pop(p)
 
     # ------------------------------------------------------------------ public API
@@ -351,7 +357,7 @@ class RayBackend:
         self._connect()
         if not self.actors:
             self._start_actors()
-        self.stats["nodes"] = len(self.nodes)
+        self.stats["nodes"] = len({i["node"] for i in self.placement.values()})
         D = cfg.data_shards
         self._job = job
         self._job_ref = ray.put(replace(job, batches=()))
@@ -378,6 +384,9 @@ class RayBackend:
             t2 = time.perf_counter()
             traces: dict[str, dict] = {}
             if hcfg.trace:
+                self._bar.close()
+                self._bar = tqdm(total=hcfg.trace_max_probes, desc="hutchinson", unit="probe",
+                                 disable=not progress)  # fmt: skip
                 results = hutchinson(self._sample, [b.name for b in blocks], tol=hcfg.trace_tol,
                                      max_probes=hcfg.trace_max_probes,
                                      min_probes=hcfg.trace_min_probes)  # fmt: skip

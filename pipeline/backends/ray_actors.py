@@ -57,6 +57,7 @@ class HessianWorker:
         world: int,
         *,
         device: str,
+        collective: str,
         threads: int,
         timeout_s: float,
         memory_budget_bytes: int | None,
@@ -65,6 +66,7 @@ class HessianWorker:
         torch.set_num_threads(threads)
         self.group, self.rank, self.world = group, rank, world
         self.device = torch.device(device)
+        self.collective = collective
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.memory_budget_bytes = memory_budget_bytes
         self.use_job_budget = use_job_budget
@@ -103,9 +105,8 @@ class HessianWorker:
             store = self._store if self.rank == 0 else None
             if store is None:
                 store = dist.TCPStore(host, port, self.world, is_master=False, timeout=self.timeout)
-            backend = "nccl" if self.device.type == "cuda" else "gloo"
             dist.init_process_group(
-                backend,
+                self.collective,
                 store=dist.PrefixStore(f"gen{gen}/", store),
                 rank=self.rank,
                 world_size=self.world,
