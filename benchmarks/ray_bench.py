@@ -89,7 +89,8 @@ def main() -> None:
     n_params = sum(b.n_params for b in job.blocks)
     print(
         f"ResNet-20, {len(job.blocks)} blocks, {n_params} block parameters, "
-        f"{args.batches} batches x {args.batch} images, {args.probes} probes, tol {args.tol}"
+        f"{args.batches} batches x {args.batch} images, {args.probes} probes, tol {args.tol}; "
+        f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start"
     )
 
     # All actors exist at once (Ray's CPU count is bookkeeping: idle actors use no CPU) so that
@@ -149,7 +150,8 @@ def main() -> None:
         print(f"{name:32s} {st['bytes_to_driver']:10d} {per_hvp:10.1f} {vector:10d} "
               f"{per_hvp / vector:9.2e}")  # fmt: skip
     overhead = base["1 actor x 1 thread"] / local - 1
-    print(f"\nRay 1-actor overhead vs local (warm): {100 * overhead:+.1f}% (target <= +10%)")
+    print(f"\nRay 1-actor overhead vs local (warm): {100 * overhead:+.1f}% (target <= +10%); "
+          f"load average {os.getloadavg()[0]:.1f} at the end")  # fmt: skip
 
 
 if __name__ == "__main__":

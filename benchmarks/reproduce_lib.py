@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from hawq.allocate import AllocConfig, Allocation, Problem, allocate
+from hawq.allocate import Allocation, AllocConfig, Problem, allocate
 
 PAPER_ROWS = (
     # method, W bits, A bits, W-Comp, A-Comp, size (MB), top-1 (%)  (HAWQ v1, Table 1)

@@ -36,7 +36,8 @@ def pause_point(point: str) -> None:
     or ``export:write:*``), write ``point`` to ``$HAWQ_TEST_PAUSE_FILE`` and sleep until killed.
     Points: ``<stage>:start``, ``<stage>:done`` (after the manifest row), ``baseline:epoch:<n>``,
     ``hessian:block:<n>``, ``finetune:epoch:<n>`` (after the state is saved) and
-    ``<stage>:write:<file>`` (temp file written, not yet renamed). Unset in normal use.
+    ``<folder>:write:<file>`` (the temp file written, not yet renamed; ``<folder>`` is the
+    file's parent folder, i.e. the stage name for a stage's own files). Unset in normal use.
     """
     pattern = os.environ.get(PAUSE_ENV)
     if not pattern or not fnmatch.fnmatchcase(point, pattern):
@@ -80,11 +81,6 @@ def atomic_write_text(path: Path, text: str) -> None:
 def atomic_write_json(path: Path, obj: Any) -> None:
     """Atomically write JSON (sorted keys, stable across runs)."""
     atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
-
-
-def atomic_write_yaml(path: Path, obj: Any) -> None:
-    """Atomically write YAML (block style, insertion order)."""
-    atomic_write_text(path, yaml.safe_dump(obj, sort_keys=False, default_flow_style=False))
 
 
 def atomic_write_parquet(path: Path, table: pa.Table) -> None:

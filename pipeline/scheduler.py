@@ -32,7 +32,7 @@ from pipeline.atomic import (
 )
 from pipeline.config import ConfigError, RunConfig, config_to_yaml, load_config
 from pipeline.data import DataBundle, load_data
-from pipeline.stages import STAGES, StageContext
+from pipeline.stages import STAGES, StageContext, stage_by_name
 from pipeline.stages.base import Params, resolve_device
 from pipeline.store import RunStore
 from pipeline.validate import check_identity, check_run_dir, identity_of, preflight
@@ -154,18 +154,15 @@ def make_plan(
                 reason="interrupted; resuming from its saved progress",
             )  # fmt: skip
         else:
-            bad = set(corrupt)
-            missing = [
-                o
-                for o in st.outputs
-                if not (store.stage_dir(st.name) / o).exists()
-                or store.stage_dir(st.name) / o in bad
-            ]
-            if missing:
+            folder = store.stage_dir(st.name)
+            missing = [o for o in st.outputs if not (folder / o).exists()]
+            broken = [o for o in st.outputs if folder / o in set(corrupt)]
+            if missing or broken:
+                why = [f"output {', '.join(missing)} missing"] if missing else []
+                why += [f"output {', '.join(broken)} corrupt (repair)"] if broken else []
                 p = StagePlan(
-                    stage=st.name, key=key, params=params, action="rerun",
-                    reason=f"output {', '.join(missing)} missing",
-                )  # fmt: skip
+                    stage=st.name, key=key, params=params, action="rerun", reason="; ".join(why)
+                )
             else:
                 p = StagePlan(stage=st.name, key=key, params=params, action="skip", reason="done")
         if p.action != "skip" and p.clear:
@@ -235,7 +232,7 @@ def execute(
     until: str | None = None,
     backend: Callable[[], Any] | None = None,
 ) -> RunOutcome:
-    """Run the plan under the run lock; ``until`` stops after that stage."""
+    """Run the plan under the run lock; ``until`` stops after that stage (a stage name)."""
     from pipeline.backends import make_backend
 
     store, cfg = prep.store, prep.cfg
@@ -248,8 +245,9 @@ def execute(
             path.unlink(missing_ok=True)
         atomic_write_text(store.config_path, config_to_yaml(cfg))
         atomic_write_json(store.identity_path, prep.identity)
-        todo = [p for p in prep.plan if p.action != "skip"]
-        for p in prep.plan:
+        last = len(prep.plan) if until is None else [p.stage for p in prep.plan].index(until) + 1
+        todo = [p for p in prep.plan[:last] if p.action != "skip"]
+        for p in prep.plan[:last]:
             if p.action == "skip":
                 log.info("%s: skip (done, key %s)", p.stage, p.key)
             else:
@@ -258,7 +256,7 @@ def execute(
         make = backend or (lambda: make_backend(cfg.backend, device=str(prep.device)))
         t_run = time.perf_counter()
         for i, p in enumerate(todo):
-            st = next(s for s in STAGES if s.name == p.stage)
+            st = stage_by_name(p.stage)
             if p.clear:
                 store.forget([p.stage])
             store.mark_running(p.stage, p.key, json.dumps(p.params, sort_keys=True, default=str))
@@ -284,8 +282,6 @@ def execute(
                 i + 1, len(todo), p.stage, outcome.seconds[p.stage], time.perf_counter() - t_run,
             )  # fmt: skip
             pause_point(f"{p.stage}:done")
-            if until == p.stage:
-                break
     return outcome
 
 

@@ -37,7 +37,6 @@ from pipeline.atomic import (
     atomic_write_parquet,
     atomic_write_tensors,
     check_file,
-    corrupt_error,
     read_parquet,
     read_tensors,
 )
@@ -261,13 +260,6 @@ class RunStore:
         path = self.stage_dir(stage) / name
         atomic_write_json(path, obj)
         return path
-
-    def read_json(self, stage: str, name: str) -> Any:
-        path = self.stage_dir(stage) / name
-        try:
-            return json.loads(path.read_text())
-        except ValueError as err:
-            raise corrupt_error(path, "JSON file", err) from None
 
     def write_progress(self, stage: str, done: int, total: int, unit: str) -> None:
         """Record progress inside a running stage (``hawq status`` shows it)."""

@@ -28,7 +28,7 @@ def test_top_eigenvalue_matches_dense(grouped, dense_block_hessian):
             v0 = torch.randn(b.n_params, generator=gen, dtype=torch.float64)
             matvec = lambda v, name=b.name: op.hvp(name, v)  # noqa: E731
             lz = lanczos(matvec, v0, tol=1e-12, max_iter=b.n_params)
-            pw = power_iteration(matvec, v0, tol=1e-13, max_iter=5000)
+            pw = power_iteration(matvec, v0, tol=1e-10, max_iter=5000)
             for res in (lz, pw):
                 assert res.converged
                 assert abs(res.eigenvalue - lam) <= 1e-6 * abs(lam), (b.name, res, lam)

@@ -116,7 +116,7 @@ def test_missing_or_corrupt_output(tmp_path: Path, tmp_path_factory) -> None:
     block.write_bytes(b"garbage")
     out = scheduler.resume(run, progress=False, repair=True)
     assert [(p.stage, p.reason) for p in out.plan if p.action != "skip"] == [
-        ("hessian", "output sensitivity.parquet missing")
+        ("hessian", "output sensitivity.parquet corrupt (repair)")
     ]
     assert assert_same_outputs(original, run) >= 20
 
@@ -128,3 +128,16 @@ def test_missing_or_corrupt_output(tmp_path: Path, tmp_path_factory) -> None:
     out = scheduler.resume(run, progress=False, repair=True)
     assert list(out.seconds) == ORDER
     assert assert_same_outputs(original, run) >= 20
+
+
+@pytest.mark.slow
+def test_until_stops_after_the_named_stage(tmp_path: Path, tmp_path_factory) -> None:
+    run = copy_of_finished_run(tmp_path_factory, tmp_path / "run")
+    cfg = load_config(write_config(tmp_path / "lr.yaml", {"finetune": {"lr": 0.02}}))
+    assert scheduler.run(cfg, run, progress=False, until="order").seconds == {}
+    out = scheduler.run(cfg, run, progress=False, until="finetune")
+    assert list(out.seconds) == ["finetune"]
+    rows, nxt = scheduler.status(run)
+    states = {r.stage: r.state for r in rows}
+    assert states["finetune"] == "done" and states["evaluate"] == states["export"] == "stale"
+    assert nxt == "evaluate"

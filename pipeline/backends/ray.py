@@ -64,7 +64,6 @@ class _Call:
     kind: str  # "eigen" | "probe"
     key: Any  # block name | probe index
     refs: list[ray.ObjectRef]
-    gen: int
     attempt: int
     values: dict[int, Any] = field(default_factory=dict)
 
@@ -90,17 +89,20 @@ class RayBackend:
         self._owns_ray = False
         self.placement: dict[tuple[int, int], dict] = {}
         self._gens = [0] * self.config.block_groups
+        self._inflight: dict[int, _Call] = {}
 
     # ------------------------------------------------------------------ cluster and actors
     def _connect(self) -> None:
         cfg = self.config
         if ray.is_initialized():
+            if cfg.address is not None:
+                logger.info("Ray is already initialised: ignoring address %r", cfg.address)
             return
         if cfg.address is None:
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
             ray.init(
                 address="local",
-                num_cpus=cfg.num_cpus or os.cpu_count() or 1,
+                num_cpus=(os.cpu_count() or 1) if cfg.num_cpus is None else cfg.num_cpus,
                 num_gpus=cfg.num_gpus,
                 object_store_memory=None
                 if cfg.object_store_mb is None
@@ -190,7 +192,10 @@ class RayBackend:
 
     def _setup_groups(self, groups: list[int]) -> None:
         """Build fresh process groups (new generation) and load the job on ``groups``."""
-        hosts = self._get([self.actors[g][0].rendezvous.remote() for g in groups])
+        if self.config.data_shards > 1:
+            hosts = self._get([self.actors[g][0].rendezvous.remote() for g in groups])
+        else:  # a single shard needs no process group
+            hosts = [("", 0)] * len(groups)
         joins = []
         for g, (host, port) in zip(groups, hosts, strict=True):
             self._gens[g] += 1
@@ -221,9 +226,8 @@ class RayBackend:
 
     # ------------------------------------------------------------------ work items
     def _submit(self, g: int, kind: str, key: Any, attempt: int = 0) -> _Call:
-        gen = self._gens[g]
-        refs = [getattr(a, kind).remote(gen, key) for a in self.actors[g]]
-        call = _Call(group=g, kind=kind, key=key, refs=refs, gen=gen, attempt=attempt)
+        refs = [getattr(a, kind).remote(self._gens[g], key) for a in self.actors[g]]
+        call = _Call(group=g, kind=kind, key=key, refs=refs, attempt=attempt)
         self._inflight[g] = call
         self._emit("submit", group=g, kind=kind, key=key, attempt=attempt)
         return call
@@ -370,7 +374,7 @@ class RayBackend:
             for g in range(cfg.block_groups):
                 self._recover(g, exc)
         t1 = time.perf_counter()
-        self._inflight: dict[int, _Call] = {}
+        self._inflight = {}
         self._blocks_todo = deque((b.name, 0) for b in todo)
         self._probes_todo = deque((p, 0) for p in range(hcfg.trace_max_probes if hcfg.trace else 0))
         self._probe_waiting = 0
@@ -407,17 +411,24 @@ class RayBackend:
 
     def _drain(self) -> None:
         """Wait out speculative calls still running, so the actors are idle after ``run``."""
-        refs = [r for c in getattr(self, "_inflight", {}).values() for r in c.refs]
+        refs = [r for c in self._inflight.values() for r in c.refs]
         if refs:
             ray.wait(refs, num_returns=len(refs), timeout=self.config.collective_timeout_s + 30)
         self._inflight = {}
 
+    def __enter__(self) -> RayBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         """Kill the actors; shut Ray down if this backend started it (idempotent)."""
-        for row in self.actors:
-            for actor in row:
-                ray.kill(actor, no_restart=True)
-        self.actors = []
+        if ray.is_initialized():
+            for row in self.actors:
+                for actor in row:
+                    ray.kill(actor, no_restart=True)
+        self.actors, self.placement = [], {}
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
         self._owns_ray = False

@@ -108,11 +108,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def history_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
-    """A table of dict rows in ``schema`` (empty table when there are none)."""
-    return pa.Table.from_pylist(rows, schema=schema)
-
-
 EPOCH_SCHEMA = pa.schema(
     [
         ("phase", pa.string()),

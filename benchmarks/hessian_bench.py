@@ -1,0 +1,333 @@
+"""Per-block Hessian eigenvalues of a pretrained CIFAR ResNet-20: hawq against PyHessian 0.1.
+
+Usage (from the repository root)::
+
+    .venv/bin/python benchmarks/hessian_bench.py --data ../shared/data/cifar10 --out bench.md
+
+Prints, from one run on real CIFAR-10 training images (``cifar10_subset.npz``):
+
+(a) per block, the time of one block HVP (``hawq.hvp.HessianOperator``, cached graph)
+    relative to one forward+backward gradient of the whole model on the same batch:
+    steady state, and amortised with the block's graph build spread over its Lanczos HVPs;
+(b) time to every block's top eigenvalue at ``--tol`` with one batch: hawq power iteration,
+    hawq Lanczos and PyHessian (single-batch mode, restricted to the block by turning
+    ``requires_grad`` off elsewhere: PyHessian collects exactly the parameters requiring
+    grad), eigenvalues side by side with their error against a converged reference
+    (hawq Lanczos at tol 1e-8);
+(c) the same with ``--batches`` batches (PyHessian's dataloader mode);
+(d) HVPs per block used by each method.
+
+The CPU timings are wall-clock on whatever else runs on the machine; compare the ratios
+from one run. ``--skip-pyhessian``, ``--skip-multi``, ``--blocks N`` give quick runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hawq.blocks import Block, partition_blocks
+from hawq.hvp import HessianOperator
+from hawq.models import cifar_resnet, load_cifar_checkpoint
+from hawq.sensitivity import HessianConfig, block_eigen_row
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+def load_batches(
+    data: Path, n_batches: int, batch_size: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    arrays = np.load(data / "cifar10_subset.npz")
+    n = n_batches * batch_size
+    if n > len(arrays["xtr"]):
+        raise SystemExit(f"need {n} training images, {data} has {len(arrays['xtr'])}")
+    x = torch.from_numpy(arrays["xtr"][:n]).float().div_(255)
+    x = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    y = torch.from_numpy(arrays["ytr"][:n]).long()
+    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, n, batch_size)]
+
+
+def load_model(data: Path) -> torch.nn.Module:
+    path = next(iter(sorted(data.glob("resnet20-*.th"))), None)
+    if path is None:
+        raise SystemExit(f"no resnet20-*.th checkpoint in {data}")
+    return load_cifar_checkpoint(cifar_resnet(20), path).eval()
+
+
+def rel(a: float, ref: float) -> float:
+    return abs(a - ref) / abs(ref)
+
+
+# ----------------------------------------------------------------------------- hawq
+def run_hawq(model, batches, blocks: list[Block], config: HessianConfig) -> dict:
+    """Every block's eigen row with one operator; total wall time includes graph builds."""
+    start = time.perf_counter()
+    rows = {}
+    with HessianOperator(
+        model, F.cross_entropy, batches, blocks, memory_budget_bytes=config.memory_budget_bytes
+    ) as op:
+        peak = 0
+        for b in blocks:
+            rows[b.name] = block_eigen_row(op, b, config)
+            peak = max(peak, op.graph_bytes)
+    return {"rows": rows, "seconds": time.perf_counter() - start, "graph_mb": peak / 2**20}
+
+
+# ------------------------------------------------------------------------ PyHessian
+def run_pyhessian(model, batches, blocks: list[Block], tol: float, seed: int) -> dict:
+    """PyHessian 0.1 top eigenvalue per block (params outside the block frozen)."""
+    ph = importlib.import_module(
+        "pyhessian.hessian"
+    )  # the module (the package re-exports the class)
+
+    counter = {"n": 0}
+    hvp = ph.hessian_vector_product
+
+    def counting_hvp(*args, **kwargs):
+        counter["n"] += 1
+        return hvp(*args, **kwargs)
+
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    rows = {}
+    start = time.perf_counter()
+    ph.hessian_vector_product = counting_hvp
+    try:
+        for b in blocks:
+            t0 = time.perf_counter()
+            counter["n"] = 0
+            keep = set(b.param_names)
+            for n, p in model.named_parameters():
+                p.requires_grad_(n in keep)
+            torch.manual_seed(seed)
+            if len(batches) == 1:
+                h = ph.hessian(model, F.cross_entropy, data=batches[0], cuda=False)
+            else:
+                h = ph.hessian(model, F.cross_entropy, dataloader=batches, cuda=False)
+                inner = h.dataloader_hv_product
+
+                def counted(v, inner=inner):
+                    counter["n"] += 1
+                    return inner(v)
+
+                h.dataloader_hv_product = counted
+            eigs, _ = h.eigenvalues(maxIter=100, tol=tol, top_n=1)
+            del h
+            model.zero_grad(set_to_none=True)  # PyHessian leaves create_graph grads behind
+            rows[b.name] = {
+                "eigenvalue": float(eigs[0]), "hvps": counter["n"],
+                "seconds": time.perf_counter() - t0,
+            }  # fmt: skip
+    finally:
+        ph.hessian_vector_product = hvp
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])
+    return {"rows": rows, "seconds": time.perf_counter() - start}
+
+
+# ------------------------------------------------------------------------------ (a)
+def median_time(fn: Callable[[], object], reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def hvp_vs_grad(model, batch, blocks: list[Block], lanczos_hvps: dict, reps: int) -> list[dict]:
+    x, y = batch
+
+    def grad() -> None:
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+
+    grad()
+    out = []
+    with HessianOperator(model, F.cross_entropy, [batch], blocks) as op:
+        for b in blocks:
+            v = torch.randn(b.n_params, generator=torch.Generator().manual_seed(0))
+            t0 = time.perf_counter()
+            op.hvp(b.name, v)  # builds this block's graph
+            first = time.perf_counter() - t0
+            # interleave so that load changes hit both sides alike
+            t_grad, t_hvp = [], []
+            for _ in range(reps):
+                t_grad.append(median_time(grad, 1))
+                t_hvp.append(median_time(lambda name=b.name, v=v: op.hvp(name, v), 1))
+            g, h = statistics.median(t_grad), statistics.median(t_hvp)
+            k = max(1, lanczos_hvps.get(b.name, 1))
+            build = max(first - h, 0.0)
+            out.append(
+                {"block": b.name, "grad_ms": 1e3 * g, "hvp_ms": 1e3 * h, "build_ms": 1e3 * build,
+                 "k": k, "steady": h / g, "amortised": (build + k * h) / (k * g)}
+            )  # fmt: skip
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+# --------------------------------------------------------------------------- tables
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def eigen_table(blocks, ref, ours_p, ours_l, pyh) -> tuple[str, dict]:
+    rows = []
+    errs = {"power": [], "lanczos": [], "pyhessian": []}
+    for b in blocks:
+        r = ref["rows"][b.name]["eigenvalue"]
+        row = [b.name, str(b.n_params), f"{r:.6g}"]
+        for key, res in (("pyhessian", pyh), ("power", ours_p), ("lanczos", ours_l)):
+            if res is None:
+                row += ["-", "-"]
+                continue
+            e = res["rows"][b.name]
+            errs[key].append(rel(e["eigenvalue"], r))
+            row += [f"{e['eigenvalue']:.6g} ({rel(e['eigenvalue'], r):.1e})", f"{e['seconds']:.2f}"]
+        rows.append(row)
+    total = ["**total**", "", ""]
+    for res in (pyh, ours_p, ours_l):
+        total += ["", "-" if res is None else f"**{res['seconds']:.1f}**"]
+    rows.append(total)
+    header = ["block", "params", "reference λ", "PyHessian λ (rel err)", "s",
+              "hawq power λ (rel err)", "s", "hawq Lanczos λ (rel err)", "s"]  # fmt: skip
+    return md_table(header, rows), errs
+
+
+def summary(name: str, ref, ours_p, ours_l, pyh, errs) -> str:
+    lines = [
+        f"{name}: hawq power {ours_p['seconds']:.1f} s, hawq Lanczos {ours_l['seconds']:.1f} s"
+    ]
+    if pyh is not None:
+        lines[0] += f", PyHessian {pyh['seconds']:.1f} s"
+        lines.append(
+            f"  speed-up vs PyHessian: Lanczos {pyh['seconds'] / ours_l['seconds']:.2f}x, "
+            f"power {pyh['seconds'] / ours_p['seconds']:.2f}x"
+        )
+    for key in ("pyhessian", "power", "lanczos"):
+        if errs[key]:
+            lines.append(
+                f"  rel. error vs reference, {key}: max {max(errs[key]):.1e}, "
+                f"median {statistics.median(errs[key]):.1e}"
+            )
+    lines.append(f"  reference (Lanczos tol 1e-8) took {ref['seconds']:.1f} s; peak cached graphs: "
+                 f"hawq Lanczos {ours_l['graph_mb']:.0f} MB")  # fmt: skip
+    return "\n".join(lines)
+
+
+def hvp_table(blocks, runs: dict[str, dict | None]) -> str:
+    header = ["block"]
+    for setting in runs:
+        header += [f"{setting}: {m}" for m in ("PyHessian", "power", "Lanczos", "ref")]
+    rows = []
+    for b in blocks:
+        row = [b.name]
+        for res in runs.values():
+            for key in ("pyhessian", "power", "lanczos", "ref"):
+                r = res.get(key) if res else None
+                row.append("-" if r is None else str(r["rows"][b.name]["hvps"]))
+        rows.append(row)
+    return md_table(header, rows)
+
+
+def eigen_setting(model, batches, blocks, args) -> dict:
+    base = dict(tol=args.tol, max_iter=100, trace=False, seed=args.seed)
+    out = {
+        "ref": run_hawq(model, batches, blocks, HessianConfig(**{**base, "tol": 1e-8})),
+        "power": run_hawq(model, batches, blocks, HessianConfig(method="power", **base)),
+        "lanczos": run_hawq(model, batches, blocks, HessianConfig(**base)),
+        "pyhessian": None,
+    }
+    if not args.skip_pyhessian:
+        out["pyhessian"] = run_pyhessian(model, batches, blocks, args.tol, args.seed)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--data", type=Path, required=True, help="folder with the npz and resnet20-*.th"
+    )
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--batches", type=int, default=8, help="batches for (c)")
+    ap.add_argument("--blocks", type=int, default=0, help="use N evenly spaced blocks (0: all)")
+    ap.add_argument("--tol", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=5, help="timing repetitions in (a)")
+    ap.add_argument("--skip-pyhessian", action="store_true")
+    ap.add_argument("--skip-multi", action="store_true", help="skip (c)")
+    ap.add_argument("--out", type=Path, help="also write the tables as markdown here")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    model = load_model(args.data)
+    batches = load_batches(args.data, max(args.batches, 1), args.batch_size)
+    blocks = partition_blocks(model)
+    if args.blocks:
+        idx = sorted({round(i) for i in np.linspace(0, len(blocks) - 1, args.blocks)})
+        blocks = [blocks[i] for i in idx]
+    report = [
+        f"# hawq Hessian benchmark: CIFAR ResNet-20 (pretrained), {len(blocks)} blocks",
+        f"torch {torch.__version__}, {args.threads} threads, batch {args.batch_size}, "
+        f"tol {args.tol}, seed {args.seed}, real CIFAR-10 training images",
+    ]
+
+    def emit(text: str) -> None:
+        print(text, flush=True)
+        report.append(text)
+
+    emit("\n".join(report))
+    single = eigen_setting(model, batches[:1], blocks, args)
+    emit("\n## (b) top eigenvalue per block, 1 batch\n")
+    table, errs = eigen_table(blocks, single["ref"], single["power"], single["lanczos"],
+                              single["pyhessian"])  # fmt: skip
+    emit(table + "\n\n" + summary("(b) 1 batch", single["ref"], single["power"],
+                                  single["lanczos"], single["pyhessian"], errs))  # fmt: skip
+
+    multi = None
+    if not args.skip_multi:
+        multi = eigen_setting(model, batches, blocks, args)
+        emit(f"\n## (c) top eigenvalue per block, {len(batches)} batches\n")
+        table, errs = eigen_table(blocks, multi["ref"], multi["power"], multi["lanczos"],
+                                  multi["pyhessian"])  # fmt: skip
+        emit(table + "\n\n" + summary(f"(c) {len(batches)} batches", multi["ref"], multi["power"],
+                                      multi["lanczos"], multi["pyhessian"], errs))  # fmt: skip
+
+    emit("\n## (d) HVPs per block\n")
+    runs = {"1 batch": single}
+    if multi is not None:
+        runs[f"{len(batches)} batches"] = multi
+    emit(hvp_table(blocks, runs))
+
+    k = {name: r["hvps"] for name, r in single["lanczos"]["rows"].items()}
+    rows = hvp_vs_grad(model, batches[0], blocks, k, args.reps)
+    emit("\n## (a) block HVP time / gradient time, 1 batch (target <= 1.5)\n")
+    emit(md_table(
+        ["block", "grad ms", "HVP ms", "graph build ms", "Lanczos HVPs k", "steady HVP/grad",
+         "amortised (build + k HVP)/(k grad)"],
+        [[r["block"], f"{r['grad_ms']:.1f}", f"{r['hvp_ms']:.1f}", f"{r['build_ms']:.1f}",
+          str(r["k"]), f"{r['steady']:.2f}", f"{r['amortised']:.2f}"] for r in rows],
+    ))  # fmt: skip
+    worst = max(rows, key=lambda r: r["amortised"])
+    emit(f"\nworst amortised ratio {worst['amortised']:.2f} ({worst['block']}); "
+         f"worst steady ratio {max(r['steady'] for r in rows):.2f}")  # fmt: skip
+    if args.out:
+        args.out.write_text("\n".join(report) + "\n")
+        print(f"\nwrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
