@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import logging
 import os
 import platform
 import sys
@@ -43,6 +44,8 @@ from reproduce_lib import (  # noqa: E402
     fmt_s,
     load_repro_config,
     pct,
+    random_sensitivity,
+    reversed_sensitivity,
     smoke_config,
     table_md,
     uniform_allocation,
@@ -245,15 +248,14 @@ def run_experiment(exp: Experiment, threads: int, clock: Clock) -> ExperimentRes
             b = int(name[-1])
             allocs.append((name, VARIANT_TEXT[name], uniform_allocation(problem, acfg, b)))
         elif name == "reversed":
-            prio = -problem.sensitivity
-            allocs.append((name, VARIANT_TEXT[name], ablation_allocation(problem, acfg, prio)))
+            fake = reversed_sensitivity(problem)
+            allocs.append((name, VARIANT_TEXT[name], ablation_allocation(problem, acfg, fake)))
         else:
             for s in exp.random_seeds:
-                rng = np.random.default_rng([cfg.run.seed, 7919, s])
-                prio = rng.permutation(len(problem.sensitivity)).astype(np.float64)
+                fake = random_sensitivity(problem, np.random.default_rng([cfg.run.seed, 7919, s]))
                 allocs.append(
                     (f"random-{s}", f"random allocation (seed {s})",
-                     ablation_allocation(problem, acfg, prio))
+                     ablation_allocation(problem, acfg, fake))
                 )  # fmt: skip
     variants = []
     for name, label, alloc in allocs:
@@ -582,6 +584,13 @@ def write_doc(
         *[acceptance_md(r) for r in results],
         "",
     ]
+    done = {r.exp.name for r in results}
+    missing = [e.name for e in cfg.experiments if e.name not in done]
+    if missing:
+        lines += [
+            f"**Not run (the run stopped or has not reached them yet): {', '.join(missing)}.**",
+            "",
+        ]
     for r in results:
         lines += [experiment_md(r, doc.parent, img_dir), ""]
     lines += [
@@ -618,6 +627,8 @@ def main() -> None:
         if unknown:
             ap.error(f"unknown experiments {sorted(unknown)}")
         cfg = replace(cfg, experiments=tuple(e for e in cfg.experiments if e.name in args.only))
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("hawq.sensitivity").setLevel(logging.INFO)  # per-block lines with ETA
     clock = Clock()
     t0 = time.perf_counter()
     results = []

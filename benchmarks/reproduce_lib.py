@@ -124,7 +124,9 @@ def wilson(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     den = 1 + z * z / n
     mid = (p + z * z / (2 * n)) / den
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return max(0.0, mid - half), min(1.0, mid + half)
+    lo = 0.0 if correct == 0 else max(0.0, min(p, mid - half))
+    hi = 1.0 if correct == n else min(1.0, max(p, mid + half))
+    return lo, hi
 
 
 class Clock:
@@ -142,20 +144,37 @@ class Clock:
 
 
 # ----------------------------------------------------------------------------- allocation
-def fill_budget_problem(problem: Problem, priority: np.ndarray) -> Problem:
-    """``problem`` whose v1 precision order follows ``priority`` (descending) and whose
-    objective prefers the largest size under the limit (Omega_i(b) = n_i (b_max - b)), so an
-    ablation spends the same budget as HAWQ but without the Hessian."""
-    bits = np.array(problem.bits, dtype=np.float64)
-    cap = bits[bits < 32].max()
-    omega = problem.n_weights[:, None].astype(np.float64) * np.clip(cap - bits, 0, None)[None, :]
-    return replace(problem, omega=omega, sensitivity=np.asarray(priority, dtype=np.float64))
+def free_blocks(problem: Problem) -> list[int]:
+    """Indices of the blocks whose bits the solver chooses (not pinned)."""
+    units = zip(problem.units, problem.unit_bits, strict=True)
+    return sorted(i for u, b in units if len(b) > 1 for i in u)
 
 
-def ablation_allocation(problem: Problem, config: AllocConfig, priority: np.ndarray) -> Allocation:
-    """v1 allocation at ``config``'s limit with the precision order of ``priority``."""
-    alloc = allocate(fill_budget_problem(problem, priority), replace(config, method="v1"))
-    return _true_omega(problem, alloc, config)
+def reversed_sensitivity(problem: Problem) -> np.ndarray:
+    """S with the free blocks' values reversed in rank: the least sensitive gets the largest."""
+    s = problem.sensitivity.copy()
+    free = np.array(free_blocks(problem))
+    by_rank = free[np.argsort(-s[free], kind="stable")]
+    s[by_rank] = np.sort(problem.sensitivity[free])
+    return s
+
+
+def random_sensitivity(problem: Problem, rng: np.random.Generator) -> np.ndarray:
+    """S with the free blocks' values randomly permuted."""
+    s = problem.sensitivity.copy()
+    free = np.array(free_blocks(problem))
+    s[free] = problem.sensitivity[free][rng.permutation(len(free))]
+    return s
+
+
+def ablation_allocation(problem: Problem, config: AllocConfig, fake_s: np.ndarray) -> Allocation:
+    """The ILP allocation at ``config``'s limit when block i's curvature is ``fake_s[i]`` instead
+    of S_i: Omega'_i(b) = Omega_i(b) fake_s_i / S_i (each block keeps its own ||Q_b(W)-W||^2).
+    The ILP (not the monotone v1 rule) keeps the size at the budget for any order; the returned
+    ``total_omega`` is the true (Hessian) Omega of the chosen bits."""
+    s = np.maximum(problem.sensitivity, np.finfo(np.float64).tiny)
+    fake = replace(problem, omega=problem.omega * (fake_s / s)[:, None], sensitivity=fake_s)
+    return _true_omega(problem, allocate(fake, replace(config, method="ilp")), config)
 
 
 def uniform_allocation(problem: Problem, config: AllocConfig, bits: int) -> Allocation:

@@ -17,19 +17,16 @@ each module's mode). Eval BatchNorm and convolutions run through
 own formulas compute needlessly.
 
 Graph caching, the time/memory trade-off: a batch's first-order graph (activations saved by
-the forward plus the create-graph backward) costs about one forward+backward to build and,
-for ResNet-20 on 128 CIFAR images, up to ~0.3 GB to keep. A kept graph makes each further
-HVP one backward through it, so a Lanczos run of k HVPs pays the build once, not k times.
-Graphs are built for the set of blocks being asked about (one block while its eigenvalue is
-computed, all blocks for Hutchinson probes) with only those weights requiring grad: the
-forward graph then starts at the first requested layer, and the double backward computes no
-gradient for any other weight (with every weight requiring grad, autograd's convolution
-double backward also computes the weight gradient of every later layer: ~50% more work).
-Asking about another block set drops the cached graphs and builds new ones. Graphs are kept
-for a prefix of the batches while their estimated size fits ``memory_budget_bytes`` (the
-first batch's saved tensors, measured with ``saved_tensors_hooks``, scaled by batch size);
-the other batches are rebuilt on every HVP (forward + create-graph backward + HVP backward,
-about 3x the cost of a cached HVP). ``None`` keeps every graph, ``0`` none.
+the forward plus the create-graph backward, w.r.t. every block) costs about one
+forward+backward to build and, for ResNet-20 on 128 CIFAR images, ~0.3 GB to keep. A kept
+graph serves every block: each further HVP is one backward through it (for block ``b`` only
+through the layers after ``b``), so the build is paid once per batch for the whole analysis
+instead of once per HVP (PyHessian's dataloader mode) or once per block. Graphs are kept for
+a prefix of the batches while their estimated size fits ``memory_budget_bytes`` (the first
+batch's saved tensors, measured with ``saved_tensors_hooks``, scaled by batch size); the
+other batches are rebuilt on every HVP (forward + create-graph backward w.r.t. the requested
+blocks only + the HVP backward: about 3-4x the cost of a cached HVP, but no memory kept).
+``None`` keeps every graph, ``0`` none.
 
 Data parallelism: ``allreduce(t)`` sums a flat tensor across data shards (in place, or by
 returning the sum); every HVP does one local weighted sum ``sum_j n_j H_j v`` -> allreduce ->
@@ -134,8 +131,8 @@ class HessianOperator:
         self._modes = {m: m.training for m in model.modules()}
         model.eval()
         self._open = True
-        self._key: tuple[str, ...] | None = None
-        self._graphs: dict[int, dict[str, Tensor | None]] = {}
+        self._lean = LeanSecondOrder()
+        self._graphs: dict[int, dict[str, Tensor | None]] | None = None
         self._checked: set[str] = set()
         self.graph_bytes = 0
         self.hvp_count = 0
@@ -158,7 +155,7 @@ class HessianOperator:
         if not self._open:
             return
         self._open = False
-        self._key, self._graphs = None, {}
+        self._graphs = None
         for module, training in self._modes.items():
             module.training = training
 
@@ -169,8 +166,8 @@ class HessianOperator:
 
     @property
     def cached_batches(self) -> int:
-        """How many batches keep a first-order graph for the block set of the last HVP."""
-        return len(self._graphs)
+        """How many batches keep their first-order graph (known after the first HVP)."""
+        return len(self._graphs or {})
 
     def hvp(self, block: str, v: Tensor) -> Tensor:
         """``H_bb v`` for a flat ``v`` of length ``dim(block)``."""
@@ -222,30 +219,24 @@ class HessianOperator:
         x, y = self._batches[j]
         params = {**self._detached, **{n: self._leaves[n] for n in pnames}}
         hooks = meter.hooks() if meter is not None else contextlib.nullcontext()
-        with torch.enable_grad(), LeanSecondOrder(), hooks:
+        with torch.enable_grad(), self._lean, hooks:
             loss = self.loss_fn(functional_call(self.model, params, (x,)), y)
             if not isinstance(loss, Tensor) or loss.dim() != 0:
                 raise ValueError("loss_fn must return a scalar (the mean loss over the batch)")
             if not bool(torch.isfinite(loss)):
                 raise HessianError(f"non-finite loss ({loss.item()}) on batch {j}")
-            grads = torch.autograd.grad(
-                loss, [self._leaves[n] for n in pnames], create_graph=True, allow_unused=True
-            )
+            leaves = [self._leaves[n] for n in pnames]
+            self._lean.wanted = {id(t) for t in leaves}
+            grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
         return dict(zip(pnames, grads, strict=True))
 
-    def _use_graphs(self, names: tuple[str, ...], pnames: Sequence[str]) -> None:
-        """Cache graphs for this block set (dropping any other set's) within the budget.
-
-        Only the requested blocks' weights require grad while a graph is built, so its
-        forward part starts at the first requested layer and its double backward computes
-        no gradient for any other weight.
-        """
-        if names == self._key:
-            return
-        self._key, self._graphs, self.graph_bytes = names, {}, 0
+    def _build_graphs(self) -> None:
+        """Keep first-order graphs (w.r.t. every block) for the batches that fit the budget."""
+        self._graphs, self.graph_bytes = {}, 0
         budget = self.memory_budget_bytes
         if budget == 0:
             return
+        pnames = [n for b in self.blocks for n in self._block_params[b.name]]
         per_sample = None
         for j, (x, _) in enumerate(self._batches):
             if per_sample is not None:
@@ -264,14 +255,15 @@ class HessianOperator:
                 self.graph_bytes = nbytes
             self._graphs[j] = grads
         logger.debug(
-            "blocks %s: cached %d/%d first-order graphs (~%.1f MB)",
-            list(names), len(self._graphs), len(self._batches), self.graph_bytes / 2**20,
+            "cached %d/%d first-order graphs (~%.1f MB)",
+            len(self._graphs), len(self._batches), self.graph_bytes / 2**20,
         )  # fmt: skip
 
     def _local(self, names: Sequence[str], flat: Sequence[Tensor], batches: Iterable[int]):
         """``sum_j n_j (H_j v)`` over the given local batches, as one flat tensor (+1 slot)."""
+        if self._graphs is None:
+            self._build_graphs()
         pnames = [n for name in names for n in self._block_params[name]]
-        self._use_graphs(tuple(names), pnames)
         vparts = []
         for name, v in zip(names, flat, strict=True):
             sizes = [self._shapes[n].numel() for n in self._block_params[name]]
@@ -296,6 +288,7 @@ class HessianOperator:
                     gouts.append(v)
             if not outs:
                 continue
+            self._lean.wanted = {id(t) for t in leaves}
             try:
                 with torch.enable_grad():
                     hv = torch.autograd.grad(

@@ -73,55 +73,80 @@ def _input_grad(gy: Tensor, w: Tensor, x_shape, stride, padding, dilation, group
     return torch.convolution(gy, w, None, stride, padding, dilation, True, out_pad, groups)
 
 
+def _will_use(ctx, i: int, wanted: set[int] | None, tensor_id: int | None = None) -> bool:
+    """Whether the running backward needs the gradient of input ``i`` of this node.
+
+    ``ctx.needs_input_grad`` only says the input requires grad. A leaf's gradient is needed
+    iff it is among the ``wanted`` leaves (the inputs of the current ``autograd.grad``, set
+    by the operator; ``None``: all). For a non-leaf, ask the engine whether the node that
+    the gradient flows into will run (private API, so any failure means "needed").
+    """
+    if not ctx.needs_input_grad[i]:
+        return False
+    node = ctx.next_functions[i][0]
+    if node is None:
+        return False
+    if type(node).__name__ == "AccumulateGrad":
+        return wanted is None or tensor_id in wanted
+    try:
+        return bool(torch._C._will_engine_execute_node(node))
+    except (AttributeError, RuntimeError):
+        return True
+
+
 class _ConvWeightGrad(torch.autograd.Function):
     """``dw = d<conv(x, w), gy>/dw`` (mkldnn weight gradient) with a lean backward."""
 
     @staticmethod
-    def forward(ctx, gy, x, w, stride, padding, dilation, groups):
+    def forward(ctx, gy, x, w, conf, mode):
         ctx.save_for_backward(gy, x)
-        ctx.conf = (tuple(w.shape), stride, padding, dilation, groups)
-        d = gy.dim() - 2
-        mask = [False, True, False]
+        ctx.conf, ctx.mode = conf, mode
+        stride, padding, dilation, groups = conf
         return torch.ops.aten.convolution_backward(
-            gy, x, w, None, stride, padding, dilation, False, [0] * d, groups, mask
-        )[1]
+            gy, x, w, None, stride, padding, dilation, False, [0] * (x.dim() - 2), groups,
+            [False, True, False],
+        )[1]  # fmt: skip
 
     @staticmethod
     def backward(ctx, gw):
         gy, x = ctx.saved_tensors
-        _, stride, padding, dilation, groups = ctx.conf
+        stride, padding, dilation, groups = ctx.conf
         d_gy = d_x = None
-        if ctx.needs_input_grad[0]:
+        if _will_use(ctx, 0, ctx.mode.wanted):
             d_gy = torch.convolution(
                 x, gw, None, stride, padding, dilation, False, [0] * (x.dim() - 2), groups
             )
-        if ctx.needs_input_grad[1]:
+        if _will_use(ctx, 1, ctx.mode.wanted, id(x)):
             d_x = _input_grad(gy, gw, x.shape, stride, padding, dilation, groups)
-        return d_gy, d_x, None, None, None, None, None
+        return d_gy, d_x, None, None, None
 
 
 class _Conv(torch.autograd.Function):
     """``conv(x, w, b)`` whose backward is built from differentiable, mask-aware ops."""
 
     @staticmethod
-    def forward(ctx, x, w, b, stride, padding, dilation, groups):
+    def forward(ctx, x, w, b, conf, mode):
         ctx.save_for_backward(x, w)
-        ctx.conf = (stride, padding, dilation, groups, b is not None)
-        d = x.dim() - 2
-        return torch.convolution(x, w, b, stride, padding, dilation, False, [0] * d, groups)
+        ctx.conf, ctx.mode = conf, mode
+        ctx.ids = (id(x), id(w), id(b))
+        stride, padding, dilation, groups = conf
+        return torch.convolution(
+            x, w, b, stride, padding, dilation, False, [0] * (x.dim() - 2), groups
+        )
 
     @staticmethod
     def backward(ctx, gy):
         x, w = ctx.saved_tensors
-        stride, padding, dilation, groups, has_bias = ctx.conf
+        stride, padding, dilation, groups = ctx.conf
+        wanted = ctx.mode.wanted
         dx = dw = db = None
-        if ctx.needs_input_grad[0]:
+        if _will_use(ctx, 0, wanted, ctx.ids[0]):
             dx = _input_grad(gy, w, x.shape, stride, padding, dilation, groups)
-        if ctx.needs_input_grad[1]:
-            dw = _ConvWeightGrad.apply(gy, x, w, stride, padding, dilation, groups)
-        if has_bias and ctx.needs_input_grad[2]:
+        if _will_use(ctx, 1, wanted, ctx.ids[1]):
+            dw = _ConvWeightGrad.apply(gy, x, w.detach(), ctx.conf, ctx.mode)
+        if _will_use(ctx, 2, wanted, ctx.ids[2]):
             db = gy.sum(dim=[0, *range(2, gy.dim())])
-        return dx, dw, db, None, None, None, None
+        return dx, dw, db, None, None
 
 
 _CONVS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
@@ -130,7 +155,16 @@ _CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "group
 
 
 class LeanSecondOrder(TorchFunctionMode):
-    """Eval BatchNorm as affine and convolutions with lean double backward (see module doc)."""
+    """Eval BatchNorm as affine and convolutions with lean double backward (see module doc).
+
+    ``wanted`` holds the ids of the leaf tensors whose gradients the running backward
+    computes (``None``: every leaf that requires grad); the operator sets it before each
+    ``autograd.grad`` so that backward nodes skip weight gradients nobody asked for.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wanted: set[int] | None = None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -139,10 +173,11 @@ class LeanSecondOrder(TorchFunctionMode):
             bound = {**_CONV_DEFAULTS, **dict(zip(_CONV_ARGS, args, strict=False)), **kwargs}
             x, padding = bound["input"], bound["padding"]
             if isinstance(x, Tensor) and x.dim() == d + 2 and not isinstance(padding, str):
-                return _Conv.apply(
-                    x, bound["weight"], bound["bias"], _tuple(bound["stride"], d),
-                    _tuple(padding, d), _tuple(bound["dilation"], d), int(bound["groups"]),
+                conf = (
+                    _tuple(bound["stride"], d), _tuple(padding, d), _tuple(bound["dilation"], d),
+                    int(bound["groups"]),
                 )  # fmt: skip
+                return _Conv.apply(x, bound["weight"], bound["bias"], conf, self)
         if func is F.batch_norm:
             bound = {**_BN_DEFAULTS, **dict(zip(_BN_ARGS, args, strict=False)), **kwargs}
             mean, var = bound["running_mean"], bound["running_var"]

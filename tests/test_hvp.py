@@ -278,3 +278,37 @@ def test_failure_on_one_shard_raises_on_every_shard(make_problem):
     )
     assert isinstance(out[0], HessianError) and "another data shard" in str(out[0])
     assert isinstance(out[1], HessianError) and "batch 1" in str(out[1])
+
+
+def test_double_backward_does_no_wasted_convolutions():
+    """Block ``i`` of a chain of L convs costs 2 convolutions per later layer, plus 2.
+
+    PyTorch's own convolution double backward would add a weight gradient per later layer
+    (and an input gradient at the block); the operator's graphs must not.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        *[
+            m
+            for _ in range(4)
+            for m in (nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Tanh())
+        ],
+        nn.Flatten(),
+        nn.Linear(3 * 5 * 5, 2),
+    ).double()
+    gen = torch.Generator().manual_seed(0)
+    batches = [
+        (torch.randn(4, 3, 5, 5, generator=gen, dtype=torch.float64), torch.tensor([0, 1, 1, 0]))
+    ]
+    convs = [b for b in partition_blocks(model) if b.name != "13"]
+    with HessianOperator(model, F.cross_entropy, batches) as op:
+        op.hvp_joint({b.name: torch.ones(b.n_params, dtype=torch.float64) for b in op.blocks})
+        for i, b in enumerate(convs):
+            v = torch.ones(b.n_params, dtype=torch.float64)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                op.hvp(b.name, v)
+            names = [e.name for e in prof.events()]
+            n_conv = names.count("aten::convolution") + names.count("aten::convolution_backward")
+            assert n_conv == 2 * (len(convs) - 1 - i) + 2, (b.name, n_conv)

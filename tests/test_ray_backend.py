@@ -107,7 +107,7 @@ def backend_config(data_shards: int, block_groups: int) -> RayBackendConfig:
     return RayBackendConfig(
         data_shards=data_shards,
         block_groups=block_groups,
-        cpus_per_actor=0.2,
+        cpus_per_actor=0.15,
         collective_timeout_s=30,
         start_timeout_s=120,
     )
@@ -260,7 +260,7 @@ class TestLocalCluster:
         # the model's shape can change what the driver receives
         config = HessianConfig(method="power", tol=1e-15, max_iter=4, trace_min_probes=4,
                                trace_max_probes=4)  # fmt: skip
-        backend = backends(2, 2)
+        backend = backends(1, 2)  # one shard: no process group at all
         stats = {}
         shapes = (("warmup", 3, 2), ("narrow", 3, 2), ("wide", 30, 2), ("deep", 3, 4))
         for name, width, depth in shapes:  # warmup: actor start-up pings are not compared
