@@ -119,7 +119,7 @@ def main() -> None:
 
     # All actors exist at once (Ray's CPU count is bookkeeping: idle actors use no CPU) so that
     # the repetitions can interleave every configuration and machine noise hits all alike.
-    os.environ["RAY_worker_niceness"] = str(args.worker_niceness)  # read by the raylet
+    os.environ["RAY_worker_niceness"] = str(args.worker_niceness)  # noqa: SIM112 - Ray spells it so
     ray.init(address="local", num_cpus=8, object_store_memory=256 * 2**20, include_dashboard=False)
     grids = {
         "1 actor x 1 thread": dict(cpus_per_actor=1, torch_threads=1),

@@ -9,7 +9,12 @@ QAT for each, and the fine-tuning-order ablation (Omega descending vs reverse vs
 ``docs/results.md`` and ``docs/img/*.png``; every number in them is computed by this run.
 
     .venv/bin/python benchmarks/reproduce_cifar10.py                # full run
-    .venv/bin/python benchmarks/reproduce_cifar10.py --smoke --out /tmp/repro   # ~1 min
+    .venv/bin/python benchmarks/reproduce_cifar10.py --smoke --out /tmp/repro   # < 1 min
+    python benchmarks/reproduce_cifar10.py --config configs/reproduce_cifar10_gpu.yaml \
+        --device cuda --data-root .gpudata --out /tmp/res       # GPU-sized run, data copied
+
+``--data-root DIR`` maps the configs' ``../shared/data/...`` paths (and Fashion-MNIST's default
+directory, as ``DIR/fashion-mnist``) to ``DIR/...`` for machines without ``../shared/data``.
 """
 
 from __future__ import annotations
@@ -191,13 +196,53 @@ def finetune(
     v.seconds = time.perf_counter() - t0
 
 
-def run_experiment(exp: Experiment, threads: int, clock: Clock) -> ExperimentResult:
-    """Hessian, allocations, QAT of every variant and order of ``exp``."""
+SHARED_DATA = "../shared/data/"
+
+
+def data_root_overrides(cfg, data_root: str | None) -> list[str]:
+    """Overrides mapping ``../shared/data/...`` (and Fashion-MNIST's default dir) to ``data_root``."""
+    if data_root is None:
+        return []
+    out = []
+    for key, path in (("model.checkpoint", cfg.model.checkpoint), ("data.path", cfg.data.path)):
+        if path is not None and str(path).startswith(SHARED_DATA):
+            out.append(f"{key}={os.path.join(data_root, str(path)[len(SHARED_DATA) :])}")
+    if cfg.data.name == "fashion_mnist" and cfg.data.path is None:
+        out.append(f"data.path={os.path.join(data_root, 'fashion-mnist')}")
+    return out
+
+
+def to_device(data: DataBundle, dev: torch.device) -> DataBundle:
+    """``data`` with its image/label tensors and Hessian batches on ``dev``."""
+    if dev.type == "cpu":
+        return data
+    return replace(
+        data,
+        train_x=data.train_x.to(dev),
+        train_y=data.train_y.to(dev),
+        eval_x=data.eval_x.to(dev),
+        eval_y=data.eval_y.to(dev),
+        hessian=[(x.to(dev), y.to(dev)) for x, y in data.hessian],
+    )
+
+
+def run_experiment(
+    exp: Experiment,
+    threads: int,
+    clock: Clock,
+    device: torch.device | None = None,
+    data_root: str | None = None,
+) -> ExperimentResult:
+    """Hessian, allocations, QAT of every variant and order of ``exp`` on ``device``."""
+    dev = torch.device("cpu") if device is None else device
     parts: dict[str, float] = {}
     cwd = os.getcwd()
     os.chdir(ROOT)  # configs name data relative to the repository root
     try:
         cfg = load_config(exp.config, exp.overrides)
+        extra = data_root_overrides(cfg, data_root)
+        if extra:
+            cfg = load_config(exp.config, (*exp.overrides, *extra))
     finally:
         os.chdir(cwd)
     torch.set_num_threads(threads)
@@ -208,8 +253,8 @@ def run_experiment(exp: Experiment, threads: int, clock: Clock) -> ExperimentRes
     cwd = os.getcwd()
     os.chdir(ROOT)
     try:
-        data = load_data(cfg.data)
-        model = build_model(cfg.model)
+        data = to_device(load_data(cfg.data), dev)
+        model = build_model(cfg.model).to(dev)
     finally:
         os.chdir(cwd)
     baseline_history: list[EpochRecord] = []
@@ -547,8 +592,22 @@ def acceptance_md(r: ExperimentResult) -> str:
     return "\n".join(out)
 
 
+def device_text(dev: torch.device, threads: int) -> str:
+    """Where the run ran, for the doc: the GPU's name, or the CPU thread count."""
+    host = f"{platform.machine()}, {os.cpu_count()} CPUs visible; torch {torch.__version__}"
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev)
+        return f"on GPU {name} (CUDA {torch.version.cuda}; {threads} torch CPU threads, {host})"
+    return f"on CPU, {threads} torch threads ({host})"
+
+
 def write_doc(
-    cfg: ReproConfig, results: list[ExperimentResult], argv: list[str], wall: float, smoke: bool
+    cfg: ReproConfig,
+    results: list[ExperimentResult],
+    argv: list[str],
+    wall: float,
+    smoke: bool,
+    dev: torch.device | None = None,
 ) -> Path:
     """Write the results document (and plots); return its path."""
     doc = Path(cfg.doc) if Path(cfg.doc).is_absolute() else ROOT / cfg.doc
@@ -561,11 +620,11 @@ def write_doc(
         "Written by `benchmarks/reproduce_cifar10.py` (do not edit by hand)."
         + (" **SMOKE RUN: tiny sizes, numbers are not meaningful.**" if smoke else ""),
         "",
-        f"Command: `.venv/bin/python {cmd}`. Total wall time {fmt_s(wall)} on "
-        f"{cfg.threads} torch threads ({platform.machine()}, {os.cpu_count()} CPUs visible; "
-        f"torch {torch.__version__}). Timings are from one run and include any load from other "
-        "processes on the machine.",
+        f"Command: `python {cmd}`. Total wall time {fmt_s(wall)} "
+        f"{device_text(dev or torch.device('cpu'), cfg.threads)}. Timings are from one run and "
+        "include any load from other processes on the machine.",
         "",
+        *([cfg.note.strip(), ""] if cfg.note.strip() else []),
         "Method (HAWQ v1): per-block (conv1, each BasicBlock, linear) top Hessian eigenvalue by "
         "Lanczos and Hutchinson trace on a subset of training images (BatchNorm in eval mode); "
         "precision order S_i = lambda_i / n_i; bits from {2, 4, 8} by the v1 rule (non-increasing "
@@ -615,6 +674,18 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny run of the first experiment")
     ap.add_argument("--out", default=None, help="output directory (doc + img) instead of docs/")
     ap.add_argument("--only", nargs="*", default=None, help="experiment names to run")
+    ap.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto",
+        help="where models, data and Hessian batches live (auto: cuda if available)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--data-root", default=None,
+        help="replace the configs' ../shared/data/ prefix by this directory (Fashion-MNIST: "
+        "DIR/fashion-mnist); default: the configs' paths as they are",
+    )  # fmt: skip
+    ap.add_argument(
+        "--flat", action="store_true", help="write the plots next to the doc (no img/ folder)"
+    )
     args = ap.parse_args()
     cfg = load_repro_config(args.config)
     if args.smoke:
@@ -622,6 +693,13 @@ def main() -> None:
     elif args.out:
         out = Path(args.out)
         cfg = replace(cfg, doc=str(out / "results.md"), img_dir=str(out / "img"))
+    if args.flat:
+        cfg = replace(cfg, img_dir=str(Path(cfg.doc).parent))
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: CUDA is not available")
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    dev = torch.device("cuda" if use_cuda else "cpu")
+    data_root = None if args.data_root is None else os.path.abspath(args.data_root)
     if args.only:
         unknown = set(args.only) - {e.name for e in cfg.experiments}
         if unknown:
@@ -630,17 +708,18 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("hawq.sensitivity").setLevel(logging.INFO)  # per-block lines with ETA
     clock = Clock()
+    clock.log(f"device {dev}" + (f" ({torch.cuda.get_device_name(dev)})" if use_cuda else ""))
     t0 = time.perf_counter()
     results = []
     for i, exp in enumerate(cfg.experiments):
-        r = run_experiment(exp, cfg.threads, clock)
+        r = run_experiment(exp, cfg.threads, clock, dev, data_root)
         results.append(r)
         done = time.perf_counter() - t0
         clock.log(
             f"== part {i + 1}/{len(cfg.experiments)} ({exp.name}) done in "
             f"{fmt_s(sum(r.parts.values()))}; elapsed {fmt_s(done)}"
         )
-        doc = write_doc(cfg, results, sys.argv[1:], time.perf_counter() - t0, args.smoke)
+        doc = write_doc(cfg, results, sys.argv[1:], time.perf_counter() - t0, args.smoke, dev)
         clock.log(f"   wrote {doc}")
 
 

@@ -73,6 +73,7 @@ class ReproConfig:
     threads: int = 2
     doc: str = "docs/results.md"
     img_dir: str = "docs/img"
+    note: str = ""  # a paragraph for the doc (e.g. which machine the config is sized for)
     smoke: Smoke = field(default_factory=Smoke)
 
 

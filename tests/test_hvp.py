@@ -312,3 +312,30 @@ def test_double_backward_does_no_wasted_convolutions():
             names = [e.name for e in prof.events()]
             n_conv = names.count("aten::convolution") + names.count("aten::convolution_backward")
             assert n_conv == 2 * (len(convs) - 1 - i) + 2, (b.name, n_conv)
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_conv1d_and_conv3d_match_dense(dims, dense_block_hessian):
+    conv = {1: nn.Conv1d, 3: nn.Conv3d}[dims]
+    torch.manual_seed(5)
+    model = nn.Sequential(
+        conv(2, 3, 3, stride=2, padding=1),
+        nn.Tanh(),
+        conv(3, 2, 2, dilation=2, bias=False),
+        nn.Flatten(),
+        nn.Linear(2, 3),  # 6 -> 3 (stride 2) -> 1 (dilated kernel) per spatial dim
+    ).double()
+    gen = torch.Generator().manual_seed(6)
+    batches = [
+        (
+            torch.randn(n, 2, *(6,) * dims, generator=gen, dtype=torch.float64),
+            torch.tensor([0, 2, 1][:n]),
+        )
+        for n in (3, 2)
+    ]
+    model.eval()
+    with HessianOperator(model, F.cross_entropy, batches) as op:
+        for b in op.blocks:
+            H = dense_block_hessian(model, F.cross_entropy, batches, b.param_names)
+            v = torch.randn(b.n_params, generator=gen, dtype=torch.float64)
+            assert _close(op.hvp(b.name, v), H @ v, 1e-10), b.name
