@@ -200,7 +200,7 @@ SHARED_DATA = "../shared/data/"
 
 
 def data_root_overrides(cfg, data_root: str | None) -> list[str]:
-    """Overrides mapping ``../shared/data/...`` (and Fashion-MNIST's default dir) to ``data_root``."""
+    """Overrides mapping `../shared/data/...` (and Fashion-MNIST's default) to ``data_root``."""
     if data_root is None:
         return []
     out = []

@@ -68,3 +68,29 @@ def test_smoke_run_writes_doc(tmp_path: Path) -> None:
         if label.startswith("HAWQ"):
             assert 12.0 <= float(wcomp) <= 13.5  # target 13.11x, v1 stays under the size limit
     assert "Omega descending (HAWQ)" in doc and "reverse Omega" in doc
+
+
+def test_data_root_overrides_remap_shared_paths() -> None:
+    from types import SimpleNamespace as NS
+
+    from reproduce_cifar10 import data_root_overrides
+
+    cfg = NS(
+        model=NS(checkpoint="../shared/data/cifar10/r20.th"),
+        data=NS(name="cifar10", path="../shared/data/cifar10/sub.npz"),
+    )
+    assert data_root_overrides(cfg, None) == []
+    assert data_root_overrides(cfg, "/d") == [
+        "model.checkpoint=/d/cifar10/r20.th",
+        "data.path=/d/cifar10/sub.npz",
+    ]
+    fm = NS(model=NS(checkpoint=None), data=NS(name="fashion_mnist", path=None))
+    assert data_root_overrides(fm, "/d") == ["data.path=/d/fashion-mnist"]
+
+
+def test_gpu_config_loads() -> None:
+    from reproduce_lib import load_repro_config
+
+    cfg = load_repro_config(ROOT / "configs" / "reproduce_cifar10_gpu.yaml")
+    assert [e.name for e in cfg.experiments][0] == "resnet20_cifar10"
+    assert "GPU" in cfg.note
