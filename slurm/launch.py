@@ -17,7 +17,9 @@ import logging
 import os
 import re
 import shlex
+import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -312,9 +314,32 @@ def submit_run(
 
 
 def outcome(job: submitit.Job) -> JobOutcome:
-    """Wait for ``job`` and return rank 0's :class:`JobOutcome` (raises the job's error)."""
+    """Wait for ``job`` and return rank 0's :class:`JobOutcome` (raises the job's error).
+
+    A Slurm job still in ``squeue`` (e.g. requeued and pending again) is waited for first:
+    accounting (``sacct``, which submitit polls) can report the interrupted attempt as FAILED
+    before the requeued attempt starts.
+    """
+    if isinstance(job, submitit.SlurmJob):
+        while _in_queue(job.job_id):
+            time.sleep(1.0)
     results = job.results()
     first = results[0]
     if not isinstance(first, JobOutcome):
         raise LaunchError(f"job {job.job_id} returned {first!r}, not a JobOutcome")
     return first
+
+
+def _in_queue(job_id: str) -> bool:
+    """Whether Slurm still lists the job (pending, running, completing)."""
+    try:
+        out = subprocess.run(
+            ["squeue", "-h", "-j", str(job_id), "-o", "%T"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and bool(out.stdout.strip())
