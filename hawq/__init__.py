@@ -4,8 +4,8 @@ The public API in one place; each name lives in a module of one concept (see doc
 """
 
 from hawq.allocate import (
-    AllocConfig,
     Allocation,
+    AllocConfig,
     InfeasibleAllocation,
     allocate,
     allocate_model,
