@@ -25,7 +25,6 @@ from pipeline.stages.base import Params, StageContext, flat
 
 log = logging.getLogger(__name__)
 
-GIGA = 1e9
 SUMMARY_SCHEMA = pa.schema(
     [
         ("method", pa.string()),
@@ -56,21 +55,8 @@ def order_params(cfg: RunConfig, fingerprint: str) -> Params:
 
 def alloc_config(cfg: RunConfig) -> AllocConfig:
     """``hawq.allocate.AllocConfig`` from the ``allocation`` section (GBOPs -> BOPs)."""
-    a = cfg.allocation
     try:
-        return AllocConfig(
-            method=a.method,
-            sensitivity=a.sensitivity,
-            candidate_bits=a.candidate_bits,
-            size_limit_mb=a.size_limit_mb,
-            compression=a.compression,
-            bops_limit=None if a.bops_limit is None else a.bops_limit * GIGA,
-            act_bits=a.act_bits,
-            pins=a.pin,
-            ties=a.tie,
-            per_channel=a.per_channel,
-            percentile=a.percentile,
-        )
+        return cfg.allocation.to_hawq()
     except ValueError as exc:
         raise ConfigError("allocation", str(exc)) from None
 

@@ -18,9 +18,9 @@ import time
 import pyarrow as pa
 from torch import nn
 
-from hawq.qat import EpochRecord, QATConfig, QATState, run_qat
+from hawq.qat import EpochRecord, QATState, run_qat
 from hawq.quant_modules import calibrate_, quantize_
-from pipeline.config import RunConfig, section_dict
+from pipeline.config import RunConfig, qat_config, section_dict
 from pipeline.stages.allocate import load_bit_config
 from pipeline.stages.base import EPOCH_SCHEMA, Params, StageContext, flat
 
@@ -36,24 +36,6 @@ def params(cfg: RunConfig, fingerprint: str) -> Params:
         "run.seed": cfg.run.seed,
         "data.batch_size": cfg.data.batch_size,
     }
-
-
-def qat_config(cfg: RunConfig) -> QATConfig:
-    """``hawq.qat.QATConfig`` from the ``finetune`` section."""
-    f = cfg.finetune
-    return QATConfig(
-        epochs=max(1, f.epochs_per_stage),
-        lr=f.lr,
-        momentum=f.momentum,
-        weight_decay=f.weight_decay,
-        batch_size=f.batch_size,
-        eval_batch_size=cfg.data.batch_size,
-        schedule=f.schedule,
-        freeze_quantized=f.freeze_quantized,
-        loss=f.loss,
-        temperature=f.temperature,
-        seed=cfg.run.seed,
-    )
 
 
 def qat_stages(ctx: StageContext) -> list[list[str]]:

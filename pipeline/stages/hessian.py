@@ -14,9 +14,9 @@ import pyarrow as pa
 import torch
 
 from hawq.blocks import partition_blocks
-from hawq.sensitivity import EIGEN_COLUMNS, SENSITIVITY_SCHEMA, HessianConfig
+from hawq.sensitivity import EIGEN_COLUMNS, SENSITIVITY_SCHEMA
 from pipeline.backends.base import HessianJob
-from pipeline.config import RunConfig, section_dict
+from pipeline.config import RunConfig, hessian_config, section_dict
 from pipeline.models import loss_fn_for, model_factory
 from pipeline.stages.base import Params, StageContext, flat
 
@@ -35,29 +35,15 @@ def params(cfg: RunConfig, fingerprint: str) -> Params:
     }
 
 
-def hessian_config(cfg: RunConfig) -> HessianConfig:
-    """``hawq.sensitivity.HessianConfig`` from the ``hessian`` section."""
-    h = cfg.hessian
-    extra = {} if h.memory_budget_mb is None else {"memory_budget_mb": h.memory_budget_mb}
-    return HessianConfig(
-        method=h.method,
-        tol=h.tol,
-        max_iter=h.max_iter,
-        top_k=h.top_k,
-        trace=h.trace,
-        trace_tol=h.trace_tol,
-        trace_max_probes=h.trace_max_probes,
-        trace_min_probes=h.trace_min_probes,
-        seed=h.seed,
-        **extra,
-    )
-
-
 def make_job(ctx: StageContext) -> HessianJob:
     """The self-contained job a backend runs (batches cast to ``hessian.dtype``)."""
     cfg = ctx.cfg
     dtype = torch.float64 if cfg.hessian.dtype == "float64" else torch.float32
-    blocks = partition_blocks(ctx.float_model(), grouping=cfg.hessian.grouping)
+    blocks = partition_blocks(
+        ctx.float_model(),
+        grouping=cfg.hessian.grouping,
+        patterns=[tuple(p) for p in cfg.hessian.patterns] or None,
+    )
     return HessianJob(
         build_model=model_factory(cfg.model),
         state_dict=ctx.float_weights(),
