@@ -6,7 +6,7 @@ Usage (from the repository root)::
 
 Prints, from one run on real CIFAR-10 training images (``cifar10_subset.npz``):
 
-(a) per block, the time of one block HVP (``hawq.hvp.HessianOperator``, cached graph)
+(a) per block, the time of one block HVP (``hawq.hessian.operator.HessianOperator``, cached graph)
     relative to one forward+backward gradient of the whole model on the same batch:
     steady state, and amortised with the block's graph build spread over its Lanczos HVPs;
 (b) time to every block's top eigenvalue at ``--tol`` with one batch: hawq power iteration,
@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 
 from hawq.blocks import Block, partition_blocks
-from hawq.hvp import HessianOperator
+from hawq.hessian.operator import HessianOperator
+from hawq.hessian.table import HessianConfig, block_eigen_row
 from hawq.models import cifar_resnet, load_cifar_checkpoint
-from hawq.sensitivity import HessianConfig, block_eigen_row
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)

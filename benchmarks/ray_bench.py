@@ -39,8 +39,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import ray  # noqa: E402
 
 from hawq.blocks import partition_blocks  # noqa: E402
+from hawq.hessian.table import HessianConfig  # noqa: E402
 from hawq.models.resnet_cifar import cifar_resnet, load_cifar_checkpoint  # noqa: E402
-from hawq.sensitivity import HessianConfig  # noqa: E402
 from pipeline.backends.base import HessianJob  # noqa: E402
 from pipeline.backends.local import LocalBackend  # noqa: E402
 from pipeline.backends.ray import RayBackend, RayBackendConfig  # noqa: E402

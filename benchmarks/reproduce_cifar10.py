@@ -58,11 +58,14 @@ from reproduce_lib import (  # noqa: E402
 )
 
 from hawq.allocate import Allocation, allocate, problem_from_model  # noqa: E402
-from hawq.bitconfig import BitConfig  # noqa: E402
+from hawq.hessian.table import analyze  # noqa: E402
 from hawq.order import finetune_order  # noqa: E402
 from hawq.qat import EpochRecord, QATConfig, evaluate, run_qat  # noqa: E402
-from hawq.quant import calibrate_, quantize_  # noqa: E402
-from hawq.sensitivity import analyze  # noqa: E402
+from hawq.quant import (  # noqa: E402
+    BitConfig,  # noqa: E402
+    calibrate_,
+    quantize_,
+)
 from hawq.size import size_summary  # noqa: E402
 from pipeline.config import alloc_config, load_config, order_config, qat_config  # noqa: E402
 from pipeline.data import DataBundle, load_data  # noqa: E402
@@ -706,7 +709,7 @@ def main() -> None:
             ap.error(f"unknown experiments {sorted(unknown)}")
         cfg = replace(cfg, experiments=tuple(e for e in cfg.experiments if e.name in args.only))
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("hawq.sensitivity").setLevel(logging.INFO)  # per-block lines with ETA
+    logging.getLogger("hawq.hessian.table").setLevel(logging.INFO)  # per-block lines with ETA
     clock = Clock()
     clock.log(f"device {dev}" + (f" ({torch.cuda.get_device_name(dev)})" if use_cuda else ""))
     t0 = time.perf_counter()

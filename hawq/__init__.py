@@ -13,15 +13,17 @@ from hawq.allocate import (
     problem_from_model,
     to_bit_config,
 )
-from hawq.blocks import Block, derive_seed, partition_blocks
-from hawq.eigen import EigenResult, lanczos, power_iteration, top_k
-from hawq.hvp import HessianError, HessianOperator
-from hawq.order import FineTuneOrder, OrderConfig, finetune_order, omega_matrix
+from hawq.blocks import Block, partition_blocks
+from hawq.hessian.eigen import EigenResult, lanczos, power_iteration, top_k
+from hawq.hessian.operator import HessianError, HessianOperator
+from hawq.hessian.table import SENSITIVITY_SCHEMA, HessianConfig, analyze
+from hawq.hessian.trace import TraceResult, hutchinson, rademacher_probe
+from hawq.omega import omega_matrix
+from hawq.order import FineTuneOrder, OrderConfig, finetune_order
 from hawq.qat import QATConfig, evaluate, run_qat
 from hawq.quant import BitConfig, LayerBits, export_integer, quantize_, quantize_weight
-from hawq.sensitivity import SENSITIVITY_SCHEMA, HessianConfig, analyze
+from hawq.seeding import derive_seed
 from hawq.size import LayerCost, bops, compression_ratio, layer_costs, model_size_mb, size_summary
-from hawq.trace import TraceResult, hutchinson, rademacher_probe
 
 __version__ = "0.1.0"
 

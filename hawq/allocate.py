@@ -1,9 +1,9 @@
 """Hessian-aware bit allocation: the HAWQ v1 rule, the ILP (PuLP/CBC), the Pareto frontier.
 
-Blocks i (rows of the ``hawq.sensitivity`` table) with n_i quantized weights get weight bits
+Blocks i (rows of the ``hawq.hessian.table`` table) with n_i quantized weights get weight bits
 b_i from a candidate set, minimising sum_i Omega_i(b_i), Omega_i(b) = s_i ||Q_b(W_i) - W_i||^2
 (s_i = lambda_i for ``sensitivity="eigenvalue"``, Tr(H_i)/n_i for ``"trace"``; see
-``hawq.order``), subject to limits on size and BOPs; ties and pins restrict the choice.
+``hawq.omega``), subject to limits on size and BOPs; ties and pins restrict the choice.
 
 Size model: size(b) = F + sum_i n_i b_i / 8 bytes, where n_i counts the Conv/Linear
 ``weight`` elements of block i and F the float32 bytes that do not depend on the bits
@@ -15,7 +15,6 @@ BOPs of block i at b bits: MACs_i * b * act_bits (summed over the blocks).
 from __future__ import annotations
 
 import logging
-import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -25,8 +24,7 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from hawq.bitconfig import REGEX_PREFIX, BitConfig, LayerBits
-from hawq.bitsolve import (
+from hawq.bit_solvers import (
     METHODS,
     InfeasibleAllocation,
     Problem,
@@ -34,7 +32,7 @@ from hawq.bitsolve import (
     pareto_frontier,
     solve,
 )
-from hawq.order import (
+from hawq.omega import (
     SENSITIVITY_MODES,
     BlockRecord,
     block_records,
@@ -42,12 +40,12 @@ from hawq.order import (
     omega_matrix,
     sensitivity,
 )
+from hawq.quant.bitconfig import REGEX_PREFIX, BitConfig, LayerBits
 from hawq.size import layer_costs, model_size_bytes
+from hawq.validation import INT_BITS, check_bits, check_number, check_percentile
 
 logger = logging.getLogger(__name__)
 
-CANDIDATE_BITS = tuple(range(2, 9))
-PIN_BITS = (*CANDIDATE_BITS, 32)
 __all__ = [
     "AllocConfig",
     "Allocation",
@@ -92,24 +90,20 @@ class AllocConfig:
                 f"sensitivity must be one of {SENSITIVITY_MODES}, got {self.sensitivity!r}"
             )
         bits = tuple(self.candidate_bits)
-        if not bits or len(set(bits)) != len(bits) or any(b not in CANDIDATE_BITS for b in bits):
+        if not bits or len(set(bits)) != len(bits) or any(b not in INT_BITS for b in bits):
             raise ValueError(
                 f"candidate_bits must be distinct integers in 2..8, got {self.candidate_bits!r}"
             )
         object.__setattr__(self, "candidate_bits", tuple(sorted(bits)))
         for name in ("size_limit_mb", "compression", "bops_limit"):
-            v = getattr(self, name)
-            ok = isinstance(v, int | float) and not isinstance(v, bool)
-            if v is not None and not (ok and math.isfinite(v) and v > 0):
-                raise ValueError(f"{name} must be a finite number > 0 or None, got {v!r}")
+            if getattr(self, name) is not None:
+                check_number(name, getattr(self, name), low=0, low_open=True)
         if self.size_limit_mb is not None and self.compression is not None:
             raise ValueError("give at most one of size_limit_mb and compression, not both")
-        if self.act_bits not in PIN_BITS:
-            raise ValueError(f"act_bits must be in 2..8 or 32, got {self.act_bits!r}")
+        check_bits("act_bits", self.act_bits)
         for key, b in dict(self.pins).items():
             _check_name(key, "pins")
-            if b not in PIN_BITS:
-                raise ValueError(f"pins[{key!r}] must be bits in 2..8 or 32, got {b!r}")
+            check_bits(f"pins[{key!r}]", b)
         object.__setattr__(self, "pins", dict(self.pins))
         ties = tuple(tuple(g) for g in self.ties)
         for g in ties:
@@ -118,8 +112,7 @@ class AllocConfig:
             for name in g:
                 _check_name(name, "ties")
         object.__setattr__(self, "ties", ties)
-        if self.percentile is not None and not 0.0 < self.percentile <= 100.0:
-            raise ValueError(f"percentile must be in (0, 100] or None, got {self.percentile}")
+        check_percentile("percentile", self.percentile)
 
 
 def _check_name(name: object, field_name: str) -> None:

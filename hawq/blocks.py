@@ -4,15 +4,10 @@ HAWQ treats the Hessian as block diagonal: block ``b`` holds the weights (and bi
 ``Conv*d``/``Linear`` module (``grouping="layer"``) or of a whole residual block
 (``grouping="residual"``), and its sensitivity comes from ``H_bb`` alone. BatchNorm (and any
 other non-Conv/Linear) parameters belong to no block.
-
-``derive_seed`` turns ``(seed, *parts)`` into a stable 63-bit integer (SHA-256 based, not
-Python's salted ``hash``) so that every random start vector and probe is a pure function of
-its name, on every process and machine.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 from collections.abc import Sequence
@@ -44,19 +39,6 @@ class Block:
             raise ValueError(f"Block {self.name!r}: param_names must not be empty")
         if self.n_params <= 0:
             raise ValueError(f"Block {self.name!r}: n_params must be > 0, got {self.n_params}")
-
-
-def derive_seed(seed: int, *parts: str | int) -> int:
-    """Stable seed in ``[0, 2**63)`` from ``seed`` and a path of names/indices (SHA-256)."""
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int, got {type(seed).__name__}")
-    tokens = [f"i:{seed}"]
-    for part in parts:
-        if isinstance(part, bool) or not isinstance(part, str | int):
-            raise ValueError(f"seed parts must be str or int, got {type(part).__name__}")
-        tokens.append(f"s:{part}" if isinstance(part, str) else f"i:{part}")
-    digest = hashlib.sha256("\x1f".join(tokens).encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
 
 
 def _is_weight_module(module: nn.Module) -> bool:

@@ -30,9 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hawq.bitconfig import BitConfig
-from hawq.blocks import derive_seed
-from hawq.quant_modules import quantize_, quantized_modules
+from hawq.quant.bitconfig import BitConfig
+from hawq.quant.modules import quantize_, quantized_modules
+from hawq.seeding import derive_seed
+from hawq.validation import check_int, check_number, check_seed
 
 logger = logging.getLogger(__name__)
 
@@ -45,24 +46,9 @@ __all__ = [
     "EpochRecord",
     "QATConfig",
     "QATState",
-    "derive_seed",
     "evaluate",
     "run_qat",
 ]
-
-
-def _num(name: str, v: object, lo: float, hi: float, *, lo_open: bool, hi_open: bool) -> None:
-    ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-    if ok:
-        ok = (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
-    if not ok:
-        rng = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-        raise ValueError(f"{name} must be a number in {rng}, got {v!r}")
-
-
-def _int(name: str, v: object, lo: int) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,17 +72,17 @@ class QATConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _int("epochs", self.epochs, 1)
-        _num("lr", self.lr, 0.0, math.inf, lo_open=True, hi_open=True)
-        _num("momentum", self.momentum, 0.0, 1.0, lo_open=False, hi_open=True)
-        _num("weight_decay", self.weight_decay, 0.0, math.inf, lo_open=False, hi_open=True)
-        _int("batch_size", self.batch_size, 1)
-        _int("eval_batch_size", self.eval_batch_size, 1)
-        _int("step_size", self.step_size, 1)
-        _num("gamma", self.gamma, 0.0, 1.0, lo_open=True, hi_open=False)
-        _num("temperature", self.temperature, 0.0, math.inf, lo_open=True, hi_open=True)
-        _num("alpha", self.alpha, 0.0, 1.0, lo_open=False, hi_open=False)
-        _int("seed", self.seed, 0)
+        check_int("epochs", self.epochs, low=1)
+        check_number("lr", self.lr, low=0, low_open=True)
+        check_number("momentum", self.momentum, low=0, high=1, high_open=True)
+        check_number("weight_decay", self.weight_decay, low=0)
+        check_int("batch_size", self.batch_size, low=1)
+        check_int("eval_batch_size", self.eval_batch_size, low=1)
+        check_int("step_size", self.step_size, low=1)
+        check_number("gamma", self.gamma, low=0, high=1, low_open=True)
+        check_number("temperature", self.temperature, low=0, low_open=True)
+        check_number("alpha", self.alpha, low=0, high=1)
+        check_seed("seed", self.seed)
         for name in ("drop_last", "freeze_quantized"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")

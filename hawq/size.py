@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hawq.bitconfig import BitConfig
-from hawq.quant_modules import ActQuant, is_quantizable
-from hawq.quantizers import FLOAT_BITS
+from hawq.quant.bitconfig import BitConfig
+from hawq.quant.modules import ActQuant, is_quantizable
+from hawq.validation import FLOAT_BITS
 
 MB = 2**20
 ACT_QPARAM_BYTES = 8

@@ -231,7 +231,7 @@ def check_paths(cfg: RunConfig, *, source: str | None = None) -> None:
 
 
 def hessian_config(cfg: RunConfig) -> Any:
-    """``hawq.sensitivity.HessianConfig`` of ``cfg.hessian``."""
+    """``hawq.hessian.table.HessianConfig`` of ``cfg.hessian``."""
     return cfg.hessian.to_hawq()
 
 

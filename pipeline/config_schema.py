@@ -16,10 +16,17 @@ if TYPE_CHECKING:
     import torch
 
     from hawq.allocate import AllocConfig
+    from hawq.hessian.table import HessianConfig
     from hawq.qat import QATConfig
-    from hawq.sensitivity import HessianConfig
 
-from pipeline.config_types import Section, check_bits, check_positive, check_seed, fail
+from pipeline.config_types import (
+    Section,
+    check_bits,
+    check_number,
+    check_positive,
+    check_seed,
+    fail,
+)
 
 BUILTIN_MODELS = ("cifar_resnet20", "cifar_resnet32", "cifar_resnet56", "mlp", "small_cnn")
 DATASETS = ("digits", "fashion_mnist", "cifar10", "imagefolder", "synthetic")
@@ -143,7 +150,7 @@ class DataConfig(Section):
 class HessianSection(Section):
     """Per-block curvature: top eigenvalue(s) (Lanczos / power) and Hutchinson trace.
 
-    The fields up to ``memory_budget_mb`` mirror ``hawq.sensitivity.HessianConfig``;
+    The fields up to ``memory_budget_mb`` mirror ``hawq.hessian.table.HessianConfig``;
     ``grouping`` / ``patterns`` go to ``hawq.blocks.partition_blocks`` and ``dtype`` to the job.
     """
 
@@ -182,8 +189,8 @@ class HessianSection(Section):
                 fail(f"patterns[{i}][0]", f"{pair[0]!r} is not a valid regex: {exc}")
 
     def to_hawq(self) -> HessianConfig:
-        """The ``hawq.sensitivity.HessianConfig`` of these settings."""
-        from hawq.sensitivity import HessianConfig
+        """The ``hawq.hessian.table.HessianConfig`` of these settings."""
+        from hawq.hessian.table import HessianConfig
 
         d = self.to_dict()
         for key in ("grouping", "patterns", "dtype"):  # pipeline-side settings
@@ -238,8 +245,7 @@ class AllocationSection(Section):
             fail("compression", f"{self.compression} must be >= 1 (e.g. 13 for 13x)")
         if self.size_limit_mb is None and self.compression is None and self.bops_limit is None:
             fail("size_limit_mb", "set one of size_limit_mb, compression or bops_limit")
-        if self.percentile is not None and not 0 < self.percentile <= 100:
-            fail("percentile", f"{self.percentile} must be in (0, 100]")
+        check_number("percentile", self.percentile, low=0, high=100, low_open=True)
 
     def to_hawq(self) -> AllocConfig:
         """The ``hawq.allocate.AllocConfig`` (``pin`` -> ``pins``, ``tie`` -> ``ties``, BOPs)."""
@@ -279,12 +285,9 @@ class FinetuneSection(Section):
             check_positive(key, getattr(self, key))
         check_positive("step_size", self.step_size)
         check_positive("weight_decay", self.weight_decay, allow_zero=True)
-        if not 0 <= self.momentum < 1:
-            fail("momentum", f"{self.momentum} must be in [0, 1)")
-        if not 0 < self.gamma <= 1:
-            fail("gamma", f"{self.gamma} must be in (0, 1]")
-        if not 0 <= self.alpha <= 1:
-            fail("alpha", f"{self.alpha} must be in [0, 1]")
+        check_number("momentum", self.momentum, low=0, high=1, high_open=True)
+        check_number("gamma", self.gamma, low=0, high=1, low_open=True)
+        check_number("alpha", self.alpha, low=0, high=1)
 
     def to_hawq(self, *, seed: int, eval_batch_size: int) -> QATConfig:
         """The ``hawq.qat.QATConfig`` (``epochs_per_stage`` -> ``epochs``)."""
@@ -313,8 +316,7 @@ class BaselineSection(Section):
         for key in ("lr", "batch_size"):
             check_positive(key, getattr(self, key))
         check_positive("weight_decay", self.weight_decay, allow_zero=True)
-        if not 0 <= self.momentum < 1:
-            fail("momentum", f"{self.momentum} must be in [0, 1)")
+        check_number("momentum", self.momentum, low=0, high=1, high_open=True)
 
 
 @dataclass(frozen=True, kw_only=True)

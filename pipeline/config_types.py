@@ -12,11 +12,12 @@ import dataclasses
 import math
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import MISSING
 from typing import Any, ClassVar, Literal
 
-ALLOWED_BITS = (2, 3, 4, 5, 6, 7, 8, 32)
+from hawq import validation
+from hawq.validation import InvalidValue
 
 
 class ConfigError(ValueError):
@@ -236,22 +237,30 @@ def fail(path: str, message: str) -> typing.NoReturn:
     raise ConfigError(path, message)
 
 
+def _as_config_error(check: Callable[..., Any], path: str, value: Any, **bounds: Any) -> None:
+    """Run a ``hawq.validation`` check with the key path as its name; raise ``ConfigError``."""
+    try:
+        check(path, value, **bounds)
+    except InvalidValue as exc:
+        raise ConfigError(path, exc.problem) from None
+
+
 def check_bits(path: str, bits: int) -> None:
     """Bit widths are 2..8, or 32 for a layer kept in floating point."""
-    if bits not in ALLOWED_BITS:
-        fail(path, f"{bits} is outside 2..8 (use 32 to keep a layer in float)")
+    _as_config_error(validation.check_bits, path, bits)
+
+
+def check_number(path: str, value: float | None, **bounds: Any) -> None:
+    """``value`` (when set) lies within ``bounds`` (``hawq.validation.check_number``)."""
+    if value is not None:
+        _as_config_error(validation.check_number, path, value, **bounds)
 
 
 def check_positive(path: str, value: float | None, *, allow_zero: bool = False) -> None:
     """``value`` (when set) must be > 0, or >= 0 with ``allow_zero``."""
-    if value is None:
-        return
-    if value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        fail(path, f"{value!r} must be {bound}")
+    check_number(path, value, low=0, low_open=not allow_zero)
 
 
 def check_seed(path: str, seed: int) -> None:
     """Seeds are integers in 0 .. 2**63 - 1."""
-    if not 0 <= seed < 2**63:
-        fail(path, f"{seed} must be in 0 .. 2**63 - 1")
+    _as_config_error(validation.check_seed, path, seed)

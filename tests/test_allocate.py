@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from hawq import bitsolve
+from hawq import bit_solvers
 from hawq.allocate import (
     AllocConfig,
     InfeasibleAllocation,
@@ -182,7 +182,7 @@ def test_v1_restricted_ilp_equals_enumeration(seed, monkeypatch):
     config = AllocConfig(method="v1", size_limit_mb=(lo + hi) / 2, ties=(("b0", "b5"),))
     problem = build_problem(table, omega, BITS, config, fixed_bytes=fixed)
     enumerated = allocate(problem, config)
-    monkeypatch.setattr(bitsolve, "MAX_ENUMERATION", 0)
+    monkeypatch.setattr(bit_solvers, "MAX_ENUMERATION", 0)
     restricted = allocate(problem, config)
     assert restricted.total_omega == pytest.approx(enumerated.total_omega, rel=1e-9)
     assert enumerated.bits["b0"] == enumerated.bits["b5"]

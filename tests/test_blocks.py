@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from hawq.blocks import Block, derive_seed, partition_blocks
+from hawq.blocks import Block, partition_blocks
 from hawq.models import cifar_resnet
+from hawq.seeding import derive_seed
 
 
 def _weight_modules(model):
@@ -133,7 +134,7 @@ def test_derive_seed_stable_distinct_and_in_range():
     with pytest.raises(ValueError):
         derive_seed(0, 1.5)
     # stable across processes with different hash salts (unlike Python's hash())
-    code = "from hawq.blocks import derive_seed; print(derive_seed(7, 'eig', 'conv1'))"
+    code = "from hawq.seeding import derive_seed; print(derive_seed(7, 'eig', 'conv1'))"
     env = {**os.environ, "PYTHONHASHSEED": "123"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr

@@ -12,7 +12,7 @@ import yaml
 from safetensors import safe_open
 from tiny_run import copy_of_finished_run, finished_run
 
-from hawq.quantizers import quantize_weight
+from hawq.quant import quantize_weight
 from pipeline.cli import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

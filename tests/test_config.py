@@ -295,8 +295,8 @@ def test_direct_construction_validates_and_errors_pickle():
 
 def test_converters_match_hawq_configs():
     from hawq.allocate import AllocConfig
+    from hawq.hessian.table import HessianConfig
     from hawq.qat import QATConfig
-    from hawq.sensitivity import HessianConfig
 
     cfg = config_from_dict(
         {

@@ -1,7 +1,7 @@
 """End to end on sklearn digits: Hessian analysis -> HAWQ v1 allocation -> order -> QAT.
 
 A small CNN (5 Conv/Linear blocks) is trained in float, its block eigenvalues come from
-``hawq.sensitivity.analyze``, and at a weight-compression target of 10x with bits {2, 4, 8}
+``hawq.hessian.table.analyze``, and at a weight-compression target of 10x with bits {2, 4, 8}
 HAWQ v1 (bits non-increasing in S_i = lambda_i / n_i, least Omega) is compared with the
 reversed rule (bits non-decreasing in S_i: the least sensitive blocks get the most bits;
 among those under the same limit, the largest model, then least Omega, found by brute
@@ -24,10 +24,10 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 from hawq.allocate import AllocConfig, allocate, problem_from_model, to_bit_config
-from hawq.bitsolve import v1_order, weight_bit_budget
+from hawq.bit_solvers import v1_order, weight_bit_budget
+from hawq.hessian.table import HessianConfig, analyze
 from hawq.order import OrderConfig, finetune_order
 from hawq.qat import QATConfig, evaluate, run_qat
-from hawq.sensitivity import HessianConfig, analyze
 
 logger = logging.getLogger(__name__)
 

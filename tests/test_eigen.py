@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from hawq.blocks import partition_blocks
-from hawq.eigen import lanczos, power_iteration, top_k
-from hawq.hvp import HessianOperator
+from hawq.hessian.eigen import lanczos, power_iteration, top_k
+from hawq.hessian.operator import HessianOperator
 
 
 def _by_magnitude(evals: torch.Tensor) -> torch.Tensor:

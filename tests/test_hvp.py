@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hawq.blocks import partition_blocks
-from hawq.hvp import HessianError, HessianOperator
+from hawq.hessian.operator import HessianError, HessianOperator
 
 
 def _close(a, b, tol):

@@ -9,17 +9,14 @@ import torch
 
 from hawq.blocks import partition_blocks
 from hawq.models.resnet_cifar import cifar_resnet
-from hawq.order import (
-    ORDER_SCHEMA,
+from hawq.omega import (
     BlockRecord,
-    OrderConfig,
     block_records,
-    finetune_order,
     omega_matrix,
-    order_blocks,
     perturbation_matrix,
     sensitivity,
 )
+from hawq.order import ORDER_SCHEMA, OrderConfig, finetune_order, order_blocks
 
 
 @pytest.fixture(autouse=True)

@@ -11,9 +11,9 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
-from hawq.blocks import derive_seed
 from hawq.qat import QATConfig, QATState, evaluate, run_qat
 from hawq.quant import BitConfig, LayerBits, QuantConv2d, calibrate_, quantize_
+from hawq.seeding import derive_seed
 
 torch.set_num_threads(1)
 

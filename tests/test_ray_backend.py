@@ -1,4 +1,4 @@
-"""The Ray backend against the single-process ``hawq.sensitivity.analyze`` (ground truth).
+"""The Ray backend against the single-process ``hawq.hessian.table.analyze`` (ground truth).
 
 Real Ray: a local instance (``ray.init(address="local", num_cpus=2)``) and a 3-node
 ``ray.cluster_utils.Cluster`` (three raylets on this host: a second physical host cannot be had
@@ -25,8 +25,8 @@ import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from hawq.blocks import partition_blocks  # noqa: E402
-from hawq.hvp import HessianError  # noqa: E402
-from hawq.sensitivity import EIGEN_COLUMNS, HessianConfig, analyze  # noqa: E402
+from hawq.hessian.operator import HessianError  # noqa: E402
+from hawq.hessian.table import EIGEN_COLUMNS, HessianConfig, analyze  # noqa: E402
 from pipeline.backends.base import HessianJob  # noqa: E402
 from pipeline.backends.ray import RayBackend, RayBackendConfig  # noqa: E402
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hawq.blocks import partition_blocks
-from hawq.sensitivity import SENSITIVITY_SCHEMA, HessianConfig, analyze
+from hawq.hessian.table import SENSITIVITY_SCHEMA, HessianConfig, analyze
 
 
 @pytest.mark.parametrize(

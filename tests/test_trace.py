@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from hawq.hvp import HessianOperator
-from hawq.trace import hutchinson, rademacher_probe
+from hawq.hessian.operator import HessianOperator
+from hawq.hessian.trace import hutchinson, rademacher_probe
 
 
 def test_rademacher_probe_is_a_pure_function_of_seed_and_index():

@@ -1,7 +1,7 @@
 """The contract between the hessian stage and the backends that run it.
 
 A backend receives a self-contained, picklable :class:`HessianJob` and returns the per-block
-sensitivity table (``hawq.sensitivity.SENSITIVITY_SCHEMA``). Same job, same rows: the local and
+sensitivity table (``hawq.hessian.table.SENSITIVITY_SCHEMA``). Same job, same rows: the local and
 Ray backends must agree to floating-point round-off.
 """
 
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from hawq.blocks import Block
-from hawq.sensitivity import HessianConfig
+from hawq.hessian.table import HessianConfig
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 

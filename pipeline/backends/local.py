@@ -1,4 +1,4 @@
-"""In-process backend: ``hawq.sensitivity.analyze`` on the job's model, in this process."""
+"""In-process backend: ``hawq.hessian.table.analyze`` on the job's model, in this process."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import pyarrow as pa
 import torch
 
-from hawq.sensitivity import analyze
+from hawq.hessian.table import analyze
 from pipeline.backends.base import HessianJob, RowCallback
 
 

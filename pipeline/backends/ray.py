@@ -10,7 +10,7 @@ Scheduling. A free group takes the next unfinished block, largest ``n_params`` f
 LPT), and computes its eigen row; each block's solver stops on its own. Hutchinson probes go to
 whichever group is free (probes below ``trace_min_probes`` may start while other groups still
 finish blocks); each probe is one joint HVP over all blocks on that group's shards. The driver
-feeds the per-probe samples in probe order to ``hawq.trace.hutchinson``, so traces equal the
+feeds the per-probe samples in probe order to ``hawq.hessian.trace.hutchinson``, so traces equal the
 single-process ones. Only scalars cross to the driver (``stats["bytes_to_driver"]``).
 
 Faults. A failed call (actor died, collective broken or timed out) makes the driver wait for
@@ -37,8 +37,8 @@ import pyarrow as pa
 import ray
 from tqdm.auto import tqdm
 
-from hawq.sensitivity import SENSITIVITY_SCHEMA, TRACE_COLUMNS, _resumed_row
-from hawq.trace import hutchinson
+from hawq.hessian.table import SENSITIVITY_SCHEMA, TRACE_COLUMNS, _resumed_row
+from hawq.hessian.trace import hutchinson
 from pipeline.backends.base import HessianJob, RowCallback
 from pipeline.backends.ray_actors import FATAL_ERRORS, HessianWorker
 from pipeline.backends.ray_config import RayBackendConfig

@@ -24,9 +24,9 @@ import ray
 import torch
 import torch.distributed as dist
 
-from hawq.hvp import HessianError, HessianOperator
-from hawq.sensitivity import block_eigen_row
-from hawq.trace import rademacher_probe
+from hawq.hessian.operator import HessianError, HessianOperator
+from hawq.hessian.table import block_eigen_row
+from hawq.hessian.trace import rademacher_probe
 from pipeline.backends.base import Batch, HessianJob
 
 logger = logging.getLogger(__name__)

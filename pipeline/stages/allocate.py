@@ -15,9 +15,9 @@ import pyarrow as pa
 from torch import nn
 
 from hawq.allocate import AllocConfig, Problem, allocate, pareto_frontier, problem_from_model
-from hawq.bitconfig import BitConfig
-from hawq.bitsolve import check_feasible, weight_bit_budget
+from hawq.bit_solvers import check_feasible, weight_bit_budget
 from hawq.order import finetune_order
+from hawq.quant import BitConfig
 from hawq.size import size_summary
 from pipeline.atomic import atomic_write_text
 from pipeline.config import ConfigError, RunConfig, order_config, section_dict

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hawq.blocks import derive_seed
 from hawq.qat import QATConfig, evaluate
+from hawq.seeding import derive_seed
 from pipeline.config import RunConfig, section_dict
 from pipeline.models import build_model, model_factory
 from pipeline.stages.base import EPOCH_SCHEMA, Params, StageContext, flat

@@ -18,7 +18,7 @@ import pyarrow as pa
 import torch
 
 from hawq.qat import evaluate
-from hawq.quant_modules import calibrate_, export_integer, quantize_, quantized_modules
+from hawq.quant import calibrate_, export_integer, quantize_, quantized_modules
 from hawq.size import size_summary
 from pipeline.atomic import atomic_write_text
 from pipeline.config import RunConfig

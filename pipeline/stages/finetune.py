@@ -19,7 +19,7 @@ import pyarrow as pa
 from torch import nn
 
 from hawq.qat import EpochRecord, QATState, run_qat
-from hawq.quant_modules import calibrate_, quantize_
+from hawq.quant import calibrate_, quantize_
 from pipeline.config import RunConfig, qat_config, section_dict
 from pipeline.stages.allocate import load_bit_config
 from pipeline.stages.base import EPOCH_SCHEMA, Params, StageContext, flat

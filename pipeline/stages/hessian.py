@@ -3,7 +3,7 @@
 Each block's eigen row is written to ``blocks/<index>.parquet`` the moment it finishes; a
 resumed run passes those rows to the backend as ``done`` so only the missing blocks (and the
 Hutchinson trace, which needs every block at once) are computed. Output: ``sensitivity.parquet``
-(``hawq.sensitivity.SENSITIVITY_SCHEMA`` + ``stage_key``).
+(``hawq.hessian.table.SENSITIVITY_SCHEMA`` + ``stage_key``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pyarrow as pa
 import torch
 
 from hawq.blocks import partition_blocks
-from hawq.sensitivity import EIGEN_COLUMNS, SENSITIVITY_SCHEMA
+from hawq.hessian.table import EIGEN_COLUMNS, SENSITIVITY_SCHEMA
 from pipeline.backends.base import HessianJob
 from pipeline.config import RunConfig, hessian_config, section_dict
 from pipeline.models import loss_fn_for, model_factory

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hawq.blocks import derive_seed
+from hawq.seeding import derive_seed
+from hawq.validation import check_int, check_number
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +45,7 @@ def rademacher_probe(
     device: torch.device | str,
 ) -> dict[str, Tensor]:
     """Probe ``probe``: a +-1 vector per block, in ``dims`` order, seeded by ``derive_seed``."""
-    if isinstance(probe, bool) or not isinstance(probe, int) or probe < 0:
-        raise ValueError(f"probe must be an int >= 0, got {probe!r}")
+    check_int("probe", probe, low=0)
     gen = torch.Generator().manual_seed(derive_seed(seed, "probe", probe))
     out = {}
     for name, n in dims.items():
@@ -88,14 +88,9 @@ def hutchinson(
     samples of a frozen block are ignored, so its estimate depends only on its first samples.
     Stops when all blocks froze or after ``max_probes`` probes.
     """
-    if not (tol > 0 and math.isfinite(tol)):
-        raise ValueError(f"tol must be a positive finite number, got {tol}")
-    if isinstance(min_probes, bool) or not isinstance(min_probes, int) or min_probes < 2:
-        raise ValueError(f"min_probes must be an int >= 2, got {min_probes!r}")
-    if isinstance(max_probes, bool) or not isinstance(max_probes, int) or max_probes < min_probes:
-        raise ValueError(
-            f"max_probes must be an int >= min_probes ({min_probes}), got {max_probes!r}"
-        )
+    check_number("tol", tol, low=0, low_open=True)
+    check_int("min_probes", min_probes, low=2)
+    check_int("max_probes", max_probes, low=min_probes)
     if not blocks or len(set(blocks)) != len(blocks):
         raise ValueError("blocks must be a non-empty sequence of unique names")
     stats = {b: _Running() for b in blocks}

@@ -1,7 +1,7 @@
 """Per-block Hessian sensitivity: top eigenvalue(s) and Hutchinson trace, as a Parquet-ready table.
 
-``analyze`` opens one :class:`~hawq.hvp.HessianOperator` over the batches, computes every
-block's top eigenvalue (Lanczos or power iteration on ``v -> H_bb v``; HAWQ v1's ``lambda_i``)
+``analyze`` opens one :class:`~hawq.hessian.operator.HessianOperator` over the batches, computes
+every block's top eigenvalue (Lanczos or power iteration on ``v -> H_bb v``; HAWQ v1's ``lambda_i``)
 and, if ``config.trace``, every block's trace ``Tr(H_bb)`` from shared Hutchinson probes
 (HAWQ-V2's ``Tr(H_i)``). Sensitivities are then ``eigenvalue / n_params`` or
 ``trace / n_params``; this module reports the raw quantities.
@@ -15,7 +15,6 @@ identical table except ``seconds`` (wall time), which determinism checks must ig
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,10 +25,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from hawq.blocks import Block, derive_seed, partition_blocks
-from hawq.eigen import METHODS, top_k
-from hawq.hvp import Batch, HessianOperator, LossFn
-from hawq.trace import hutchinson, rademacher_probe
+from hawq.blocks import Block, partition_blocks
+from hawq.hessian.eigen import METHODS, top_k
+from hawq.hessian.operator import Batch, HessianOperator, LossFn
+from hawq.hessian.trace import hutchinson, rademacher_probe
+from hawq.seeding import derive_seed
+from hawq.validation import check_int, check_number, check_seed
 
 logger = logging.getLogger(__name__)
 
@@ -61,18 +62,6 @@ EIGEN_COLUMNS = (
 TRACE_COLUMNS = ("trace", "trace_stderr", "trace_probes")
 
 
-def _positive(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{name} must be a number, got {type(value).__name__}")
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be a positive finite number, got {value}")
-
-
-def _int_at_least(name: str, value: int, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-
-
 @dataclass(frozen=True, kw_only=True)
 class HessianConfig:
     """How to estimate block sensitivities (validated on construction)."""
@@ -92,26 +81,17 @@ class HessianConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        _positive("tol", self.tol)
-        _int_at_least("max_iter", self.max_iter, 1)
-        _int_at_least("top_k", self.top_k, 1)
+        check_number("tol", self.tol, low=0, low_open=True)
+        check_int("max_iter", self.max_iter, low=1)
+        check_int("top_k", self.top_k, low=1)
         if not isinstance(self.trace, bool):
             raise ValueError(f"trace must be a bool, got {self.trace!r}")
-        _positive("trace_tol", self.trace_tol)
-        _int_at_least("trace_min_probes", self.trace_min_probes, 2)
-        _int_at_least("trace_max_probes", self.trace_max_probes, self.trace_min_probes)
-        _int_at_least("seed", self.seed, 0)
-        if self.seed >= 2**63:
-            raise ValueError(f"seed must be < 2**63, got {self.seed}")
+        check_number("trace_tol", self.trace_tol, low=0, low_open=True)
+        check_int("trace_min_probes", self.trace_min_probes, low=2)
+        check_int("trace_max_probes", self.trace_max_probes, low=self.trace_min_probes)
+        check_seed("seed", self.seed)
         if self.memory_budget_mb is not None:
-            if isinstance(self.memory_budget_mb, bool) or not isinstance(
-                self.memory_budget_mb, int | float
-            ):
-                raise ValueError("memory_budget_mb must be a number >= 0 or None")
-            if not (self.memory_budget_mb >= 0 and math.isfinite(self.memory_budget_mb)):
-                raise ValueError(
-                    f"memory_budget_mb must be >= 0 or None, got {self.memory_budget_mb}"
-                )
+            check_number("memory_budget_mb", self.memory_budget_mb, low=0)
 
     @property
     def memory_budget_bytes(self) -> int | None:

@@ -13,8 +13,8 @@ detached leaves for the requested blocks' weights (sharing storage with the para
 detached copies of every other parameter, so ``requires_grad`` and ``.grad`` stay as the
 caller left them. The model is in eval mode while the operator is open (``close()`` restores
 each module's mode). Eval BatchNorm and convolutions run through
-``hvp_graphs.LeanSecondOrder``, whose double backward skips the gradients that PyTorch's
-own formulas compute needlessly.
+``hawq.hessian.double_backward.LeanSecondOrder``, whose double backward skips the gradients
+that PyTorch's own formulas compute needlessly.
 
 Graph caching, the time/memory trade-off: a batch's first-order graph (activations saved by
 the forward plus the create-graph backward, w.r.t. every block) costs about one
@@ -45,8 +45,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from hawq.blocks import Block, partition_blocks
-from hawq.hvp_graphs import LeanSecondOrder, SavedBytes
-from hawq.hvp_probe import find_double_backward_failures
+from hawq.hessian.backward_support import find_double_backward_failures
+from hawq.hessian.double_backward import LeanSecondOrder, SavedBytes
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Locate the module whose forward cannot be differentiated twice.
+"""Double-backward support check: locate the module whose forward cannot be differentiated twice.
 
 Hessian-vector products by double backprop need every op between a block and the loss to
 have a differentiable backward. Some do not: ``hardsigmoid_backward`` has no derivative
@@ -75,7 +75,7 @@ def _module_failure(module: nn.Module, args: tuple, kwargs: dict, seed: int) -> 
         try:
             grads = _first_order(module, params, args, kwargs, leaves, seed, create=True)
         except RuntimeError as exc:  # a first-order failure is not what we are looking for
-            logger.debug("probe: first-order backward of %s failed: %s", type(module), exc)
+            logger.debug("support check: first-order backward of %s failed: %s", type(module), exc)
             return None
         if grads is None:
             return None

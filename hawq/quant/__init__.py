@@ -1,11 +1,12 @@
 """Quantization API in one place: primitives, ``BitConfig``, fake-quant modules, ``quantize_``.
 
-The code lives in ``hawq.quantizers`` (pure functions), ``hawq.bitconfig`` (bit configs) and
-``hawq.quant_modules`` (modules, ``quantize_``, ``export_integer``); this module re-exports it.
+The code lives in ``hawq.quant.primitives`` (pure functions), ``hawq.quant.bitconfig`` (bit
+configs) and ``hawq.quant.modules`` (modules, ``quantize_``, ``export_integer``); this package
+re-exports it and is the one import path for users.
 """
 
-from hawq.bitconfig import REGEX_PREFIX, BitConfig, LayerBits
-from hawq.quant_modules import (
+from hawq.quant.bitconfig import REGEX_PREFIX, BitConfig, LayerBits
+from hawq.quant.modules import (
     ActQuant,
     QuantConv2d,
     QuantLinear,
@@ -15,11 +16,8 @@ from hawq.quant_modules import (
     quantize_,
     quantized_modules,
 )
-from hawq.quantizers import (
-    FLOAT_BITS,
-    VALID_BITS,
+from hawq.quant.primitives import (
     act_qparams,
-    check_bits,
     ema_update,
     fake_quantize,
     quantize_act,
@@ -28,6 +26,7 @@ from hawq.quantizers import (
     weight_range,
     weight_scale,
 )
+from hawq.validation import FLOAT_BITS, VALID_BITS, check_bits
 
 __all__ = [
     "FLOAT_BITS",

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from hawq.quantizers import check_bits
+from hawq.validation import check_bits, check_number, check_percentile
 
 REGEX_PREFIX = "re:"
 _FIELDS = ("weight_bits", "act_bits", "per_channel", "percentile", "act_momentum", "layers")
@@ -52,8 +52,8 @@ class LayerBits:
     act: int
 
     def __post_init__(self) -> None:
-        check_bits(self.weight, name="LayerBits.weight")
-        check_bits(self.act, name="LayerBits.act")
+        check_bits("LayerBits.weight", self.weight)
+        check_bits("LayerBits.act", self.act)
 
 
 def _as_layer_bits(key: str, v: Any) -> LayerBits:
@@ -85,22 +85,13 @@ class BitConfig:
     act_momentum: float = 0.99
 
     def __post_init__(self) -> None:
-        check_bits(self.weight_bits, name="weight_bits")
-        check_bits(self.act_bits, name="act_bits")
+        check_bits("weight_bits", self.weight_bits)
+        check_bits("act_bits", self.act_bits)
         if not isinstance(self.per_channel, bool):
             raise ValueError(f"per_channel must be a bool, got {self.per_channel!r}")
-        if self.percentile is not None:
-            if isinstance(self.percentile, bool) or not isinstance(self.percentile, int | float):
-                raise ValueError(
-                    f"percentile must be a number in (0, 100] or None, got {self.percentile!r}"
-                )
-            if not 0.0 < float(self.percentile) <= 100.0:
-                raise ValueError(f"percentile must be in (0, 100] or None, got {self.percentile}")
-            object.__setattr__(self, "percentile", float(self.percentile))
-        m = self.act_momentum
-        if isinstance(m, bool) or not isinstance(m, int | float) or not 0.0 <= m < 1.0:
-            raise ValueError(f"act_momentum must be in [0, 1), got {m!r}")
-        object.__setattr__(self, "act_momentum", float(m))
+        object.__setattr__(self, "percentile", check_percentile("percentile", self.percentile))
+        m = check_number("act_momentum", self.act_momentum, low=0, high=1, high_open=True)
+        object.__setattr__(self, "act_momentum", m)
         if not isinstance(self.layers, Mapping):
             raise ValueError(
                 f"layers must be a mapping of module name -> LayerBits, got "
@@ -182,11 +173,11 @@ class BitConfig:
     # -- Parquet -----------------------------------------------------------------------------
     def to_table(self) -> pa.Table:
         """One row per ``layers`` key (columns module, weight_bits, act_bits); the rest of the
-        config as JSON in the schema metadata key ``hawq.bitconfig``."""
+        config as JSON in the schema metadata key ``hawq.quant.bitconfig``."""
         rest = {k: v for k, v in self.to_dict().items() if k != "layers"}
         schema = pa.schema(
             [("module", pa.string()), ("weight_bits", pa.int32()), ("act_bits", pa.int32())],
-            metadata={"hawq.bitconfig": json.dumps(rest)},
+            metadata={"hawq.quant.bitconfig": json.dumps(rest)},
         )
         return pa.table(
             {
@@ -200,7 +191,7 @@ class BitConfig:
     @classmethod
     def from_table(cls, table: pa.Table) -> BitConfig:
         meta = table.schema.metadata or {}
-        rest = json.loads(meta[b"hawq.bitconfig"]) if b"hawq.bitconfig" in meta else {}
+        rest = json.loads(meta[b"hawq.quant.bitconfig"]) if b"hawq.quant.bitconfig" in meta else {}
         missing = {"module", "weight_bits", "act_bits"} - set(table.column_names)
         if missing:
             raise ValueError(f"bit config table lacks columns {sorted(missing)}")

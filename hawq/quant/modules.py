@@ -19,16 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hawq.bitconfig import BitConfig, LayerBits
-from hawq.quantizers import (
-    FLOAT_BITS,
+from hawq.quant.bitconfig import BitConfig, LayerBits
+from hawq.quant.primitives import (
     act_qparams,
-    check_bits,
     ema_update,
     quantize_act,
     quantize_weight,
     quantize_weight_int,
 )
+from hawq.validation import FLOAT_BITS, check_bits, check_number
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +56,8 @@ class ActQuant(nn.Module):
 
     def __init__(self, bits: int = 8, *, momentum: float = 0.99) -> None:
         super().__init__()
-        self.bits = check_bits(bits, name="act bits")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
-        self.momentum = float(momentum)
+        self.bits = check_bits("act bits", bits)
+        self.momentum = check_number("momentum", momentum, low=0, high=1, high_open=True)
         self.register_buffer("running_min", torch.zeros(()))
         self.register_buffer("running_max", torch.zeros(()))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
@@ -95,7 +92,7 @@ class _QuantMixin:
     def _setup_quant(
         self, bits: LayerBits, *, per_channel: bool, percentile: float | None, act_momentum: float
     ) -> None:
-        self.weight_bits = check_bits(bits.weight, name="weight bits")
+        self.weight_bits = check_bits("weight bits", bits.weight)
         self.per_channel = per_channel
         self.percentile = percentile
         self.input_quant = ActQuant(bits.act, momentum=act_momentum)
@@ -106,8 +103,8 @@ class _QuantMixin:
 
     def set_bits(self, bits: LayerBits) -> None:
         """Change the bit widths in place (the activation range is kept)."""
-        self.weight_bits = check_bits(bits.weight, name="weight bits")
-        self.input_quant.bits = check_bits(bits.act, name="act bits")
+        self.weight_bits = check_bits("weight bits", bits.weight)
+        self.input_quant.bits = check_bits("act bits", bits.act)
 
     def quantized_weight(self) -> torch.Tensor:
         return quantize_weight(

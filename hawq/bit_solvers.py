@@ -1,7 +1,7 @@
 """Bit-allocation solvers on plain numbers: the HAWQ v1 monotone rule and the exact ILP.
 
 Blocks i = 1..n with n_i quantized weights choose a weight bit width b_i; tied blocks form
-one unit, a pinned unit has one allowed width. With Omega_i(b) from ``hawq.order``::
+one unit, a pinned unit has one allowed width. With Omega_i(b) from ``hawq.omega``::
 
     minimise   sum_i Omega_i(b_i)
     subject to sum_i n_i b_i <= budget                 (weight bits; from a size limit)
@@ -28,7 +28,7 @@ import numpy as np
 import pulp
 import pyarrow as pa
 
-from hawq.order import BlockRecord
+from hawq.omega import BlockRecord
 from hawq.size import MB
 
 logger = logging.getLogger(__name__)

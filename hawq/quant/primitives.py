@@ -23,15 +23,10 @@ from __future__ import annotations
 
 import torch
 
-FLOAT_BITS = 32
-INT_BITS = tuple(range(2, 9))
-VALID_BITS = (*INT_BITS, FLOAT_BITS)
+from hawq.validation import FLOAT_BITS, check_bits, check_number, check_percentile
 
 __all__ = [
-    "FLOAT_BITS",
-    "VALID_BITS",
     "act_qparams",
-    "check_bits",
     "ema_update",
     "fake_quantize",
     "quantize_act",
@@ -40,18 +35,6 @@ __all__ = [
     "weight_range",
     "weight_scale",
 ]
-
-
-def check_bits(bits: object, *, name: str = "bits") -> int:
-    """Return ``bits`` as int if it is in {2..8, 32}; else ``ValueError`` naming the value."""
-    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in VALID_BITS:
-        raise ValueError(f"{name} must be an integer in 2..8 or 32 (float), got {bits!r}")
-    return int(bits)
-
-
-def _check_percentile(percentile: float | None) -> None:
-    if percentile is not None and not (0.0 < float(percentile) <= 100.0):
-        raise ValueError(f"percentile must be in (0, 100] or None, got {percentile!r}")
 
 
 def _quantile_lastdim(a: torch.Tensor, q: float) -> torch.Tensor:
@@ -71,7 +54,7 @@ def weight_range(
     w: torch.Tensor, *, per_channel: bool = True, percentile: float | None = None
 ) -> torch.Tensor:
     """Clipping range r: max|w| (or its ``percentile``), shape (C_out,) per channel, else ()."""
-    _check_percentile(percentile)
+    check_percentile("percentile", percentile)
     a = w.detach().abs()
     a = a.reshape(a.shape[0], -1) if per_channel and a.dim() > 1 else a.reshape(-1)
     if percentile is None or percentile == 100.0:
@@ -83,7 +66,7 @@ def weight_scale(
     w: torch.Tensor, bits: int, *, per_channel: bool = True, percentile: float | None = None
 ) -> torch.Tensor:
     """Scale s = r / (2^(b-1) - 1) (1 where r = 0); shape (C_out,) per channel, else ()."""
-    bits = check_bits(bits)
+    bits = check_bits("bits", bits)
     if bits == FLOAT_BITS:
         raise ValueError("bits=32 is float: there is no scale")
     r = weight_range(w, per_channel=per_channel, percentile=percentile)
@@ -146,9 +129,9 @@ def quantize_weight(
     w: torch.Tensor, bits: int, *, per_channel: bool = True, percentile: float | None = None
 ) -> torch.Tensor:
     """Fake-quantized weight ``q * s`` (same shape and dtype; STE gradient; bits 32 = identity)."""
-    bits = check_bits(bits)
+    bits = check_bits("bits", bits)
     if bits == FLOAT_BITS:
-        _check_percentile(percentile)
+        check_percentile("percentile", percentile)
         return w
     qmax = 2 ** (bits - 1) - 1
     s = _broadcast(weight_scale(w, bits, per_channel=per_channel, percentile=percentile), w)
@@ -163,7 +146,7 @@ def quantize_weight_int(
     w: torch.Tensor, bits: int, *, per_channel: bool = True, percentile: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer codes (int8, in -(2^(b-1)-1)..2^(b-1)-1) and scales: ``w_hat = codes * s``."""
-    bits = check_bits(bits)
+    bits = check_bits("bits", bits)
     if bits == FLOAT_BITS:
         raise ValueError("bits=32 is float: there are no integer codes")
     qmax = 2 ** (bits - 1) - 1
@@ -181,7 +164,7 @@ def act_qparams(
     s = (hi - lo) / (2^b - 1) (1 for an empty range), z = clamp(round(-lo / s), 0, 2^b - 1).
     Both are returned as float tensors (z holds an integer value).
     """
-    bits = check_bits(bits)
+    bits = check_bits("bits", bits)
     if bits == FLOAT_BITS:
         raise ValueError("bits=32 is float: there are no quantization parameters")
     lo_t = torch.as_tensor(lo, dtype=torch.float32).clamp(max=0.0)
@@ -197,7 +180,7 @@ def quantize_act(
     x: torch.Tensor, lo: torch.Tensor | float, hi: torch.Tensor | float, bits: int
 ) -> torch.Tensor:
     """Fake-quantize activations to unsigned ``bits``-bit codes over [lo, hi] (STE gradient)."""
-    bits = check_bits(bits)
+    bits = check_bits("bits", bits)
     if bits == FLOAT_BITS:
         return x
     scale, zp = act_qparams(lo, hi, bits)
@@ -206,6 +189,5 @@ def quantize_act(
 
 def ema_update(running: torch.Tensor, observed: torch.Tensor, momentum: float) -> torch.Tensor:
     """Exponential moving average: ``momentum * running + (1 - momentum) * observed``."""
-    if not 0.0 <= momentum < 1.0:
-        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+    check_number("momentum", momentum, low=0, high=1, high_open=True)
     return running * momentum + observed * (1.0 - momentum)

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from hawq.validation import check_int, check_number
+
 logger = logging.getLogger(__name__)
 
 MatVec = Callable[[Tensor], Tensor]
@@ -53,10 +55,8 @@ def _check(v0: Tensor, tol: float, max_iter: int) -> None:
         raise ValueError(f"v0 must be floating point, got {v0.dtype}")
     if not bool(torch.isfinite(v0).all()) or not bool(v0.any()):
         raise ValueError("v0 must be finite and nonzero")
-    if not (tol > 0 and math.isfinite(tol)):
-        raise ValueError(f"tol must be a positive finite number, got {tol}")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter must be an int >= 1, got {max_iter!r}")
+    check_number("tol", tol, low=0, low_open=True)
+    check_int("max_iter", max_iter, low=1)
 
 
 def _apply(matvec: MatVec, v: Tensor, it: int) -> Tensor:

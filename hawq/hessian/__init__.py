@@ -1,0 +1,41 @@
+"""Block Hessian analysis: HVP operator, eigen and trace solvers, the sensitivity table.
+
+``operator`` (block-restricted HVPs; ``double_backward`` and ``backward_support`` serve it),
+``eigen`` (power iteration, Lanczos, deflation), ``trace`` (Hutchinson) and ``table``
+(``HessianConfig``, ``analyze`` -> one row per block). This package re-exports their public
+names.
+"""
+
+from hawq.hessian.backward_support import find_double_backward_failures
+from hawq.hessian.eigen import EigenResult, lanczos, power_iteration, top_k
+from hawq.hessian.operator import HessianError, HessianOperator
+from hawq.hessian.table import (
+    EIGEN_COLUMNS,
+    SENSITIVITY_SCHEMA,
+    TRACE_COLUMNS,
+    HessianConfig,
+    analyze,
+    block_eigen_row,
+    trace_rows,
+)
+from hawq.hessian.trace import TraceResult, hutchinson, rademacher_probe
+
+__all__ = [
+    "EIGEN_COLUMNS",
+    "SENSITIVITY_SCHEMA",
+    "TRACE_COLUMNS",
+    "EigenResult",
+    "HessianConfig",
+    "HessianError",
+    "HessianOperator",
+    "TraceResult",
+    "analyze",
+    "block_eigen_row",
+    "find_double_backward_failures",
+    "hutchinson",
+    "lanczos",
+    "power_iteration",
+    "rademacher_probe",
+    "top_k",
+    "trace_rows",
+]
