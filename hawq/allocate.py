@@ -10,6 +10,10 @@ Size model: size(b) = F + sum_i n_i b_i / 8 bytes, where n_i counts the Conv/Lin
 (biases, BN, scales, unquantized layers), taken from ``hawq.size``. MB = 2^20 bytes.
 Weight compression counts the blocks' weights only: 32 sum_i n_i / sum_i n_i b_i.
 BOPs of block i at b bits: MACs_i * b * act_bits (summed over the blocks).
+
+This module is the one entry point of allocation: it re-exports the public names of the
+solvers (``Problem``, ``InfeasibleAllocation``, ``check_feasible``, ``weight_bit_budget``,
+``pareto_frontier``, ``PARETO_SCHEMA``) from the private ``hawq.bit_solvers``.
 """
 
 from __future__ import annotations
@@ -26,11 +30,14 @@ from torch import nn
 
 from hawq.bit_solvers import (
     METHODS,
+    PARETO_SCHEMA,
     InfeasibleAllocation,
     Problem,
+    check_feasible,
     expand_units,
     pareto_frontier,
     solve,
+    weight_bit_budget,
 )
 from hawq.omega import (
     SENSITIVITY_MODES,
@@ -47,6 +54,8 @@ from hawq.validation import INT_BITS, check_bits, check_number, check_percentile
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "ALLOCATION_SCHEMA",
+    "PARETO_SCHEMA",
     "AllocConfig",
     "Allocation",
     "InfeasibleAllocation",
@@ -54,9 +63,11 @@ __all__ = [
     "allocate",
     "allocate_model",
     "build_problem",
+    "check_feasible",
     "pareto_frontier",
     "problem_from_model",
     "to_bit_config",
+    "weight_bit_budget",
 ]
 
 

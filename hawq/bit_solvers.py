@@ -11,7 +11,10 @@ one unit, a pinned unit has one allowed width. With Omega_i(b) from ``hawq.omega
 ``solve_v1`` (HAWQ v1): free units sorted by S descending get non-increasing widths; the
 C(m+k-1, k-1) monotone sequences are enumerated through prefix sums (beyond
 ``MAX_ENUMERATION`` the same restricted problem goes to the ILP with order constraints).
-Both raise ``InfeasibleAllocation`` with the smallest feasible size when limits are too low.
+``check_feasible`` turns the limits into the weight-bit budget and raises
+``InfeasibleAllocation`` (with the smallest feasible size) when they are too low; ``solve`` and
+``pareto_frontier`` check once, then run the solvers. Private to allocation: import the public
+names from ``hawq.allocate``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import json
 import logging
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -117,13 +120,19 @@ def weight_bit_budget(
 
 
 def check_feasible(
-    problem: Problem, budget: int | None, bops_limit: float | None, *, limit_text: str = ""
-) -> None:
-    """Raise ``InfeasibleAllocation`` stating the smallest feasible size when limits are too low.
+    problem: Problem,
+    *,
+    size_limit_mb: float | None = None,
+    compression: float | None = None,
+    bops_limit: float | None = None,
+) -> int | None:
+    """The weight-bit budget of the limits; ``InfeasibleAllocation`` if no assignment meets them.
 
-    All units at their lowest allowed bits minimise both size and BOPs, so that point is
-    feasible iff any assignment is.
+    The error states the smallest feasible size (and BOPs) and the fix. All units at their
+    lowest allowed bits minimise both size and BOPs, so that point is feasible iff any
+    assignment is.
     """
+    budget = weight_bit_budget(problem, size_limit_mb=size_limit_mb, compression=compression)
     low = problem.min_bits()
     min_mb, max_c, min_bops = problem.size_mb(low), problem.compression(low), problem.bops(low)
     if bops_limit is not None and min_bops is None:
@@ -139,8 +148,9 @@ def check_feasible(
     fix = "add a smaller candidate bit width or remove pins"
     common = dict(min_size_mb=min_mb, max_compression=max_c, min_bops=min_bops or 0.0)
     if budget is not None and problem.weight_bits(low) > budget:
+        target = f"compression {compression}x" if size_limit_mb is None else f"{size_limit_mb} MB"
         raise InfeasibleAllocation(
-            f"size limit {limit_text} is infeasible: the smallest model these settings allow is "
+            f"size limit {target} is infeasible: the smallest model these settings allow is "
             f"{min_mb:.6g} MB (weight compression {max_c:.4g}x) {how}. Raise size_limit_mb to "
             f">= {min_mb:.6g} (or lower compression to <= {max_c:.4g}), or {fix}.",
             **common,
@@ -152,6 +162,7 @@ def check_feasible(
             f"{min_bops:.6g}, lower act_bits, or {fix}.",
             **common,
         )
+    return budget
 
 
 def _unit_arrays(problem: Problem) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -226,9 +237,9 @@ def solve_ilp(
 
     ``monotone`` lists units whose widths must be non-increasing in that sequence. CBC's
     feasibility tolerance may admit a point a hair over a limit; the limit is then
-    tightened by the excess and the problem solved again.
+    tightened by the excess and the problem solved again. The limits must be feasible
+    (``check_feasible``).
     """
-    check_feasible(problem, budget, bops_limit)
     b_eff, o_eff = budget, bops_limit
     for _ in range(4):
         out = _cbc(problem, b_eff, o_eff, monotone)
@@ -256,8 +267,10 @@ def v1_order(problem: Problem) -> list[int]:
 
 
 def solve_v1(problem: Problem, budget: int | None, bops_limit: float | None = None) -> np.ndarray:
-    """HAWQ v1: the least-Omega assignment whose bits are non-increasing in S; bits per block."""
-    check_feasible(problem, budget, bops_limit)
+    """HAWQ v1: the least-Omega assignment whose bits are non-increasing in S; bits per block.
+
+    The limits must be feasible (``check_feasible``).
+    """
     order = v1_order(problem)
     cand = sorted({b for u in order for b in problem.unit_bits[u]}, reverse=True)
     m, k = len(order), len(cand)
@@ -307,14 +320,18 @@ def solve(
     compression: float | None = None,
     bops_limit: float | None = None,
 ) -> np.ndarray:
-    """Bits per block by ``method`` ("v1" or "ilp") under the given limits."""
+    """Bits per block by ``method`` ("v1" or "ilp") under the given limits (checked first)."""
+    solver = _solver(method)
+    budget = check_feasible(
+        problem, size_limit_mb=size_limit_mb, compression=compression, bops_limit=bops_limit
+    )
+    return solver(problem, budget, bops_limit)
+
+
+def _solver(method: str) -> Callable[[Problem, int | None, float | None], np.ndarray]:
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    budget = weight_bit_budget(problem, size_limit_mb=size_limit_mb, compression=compression)
-    text = f"{size_limit_mb} MB" if size_limit_mb is not None else f"compression {compression}x"
-    check_feasible(problem, budget, bops_limit, limit_text=text)
-    fn = solve_ilp if method == "ilp" else solve_v1
-    return fn(problem, budget, bops_limit)
+    return solve_ilp if method == "ilp" else solve_v1
 
 
 PARETO_SCHEMA = pa.schema(
@@ -349,11 +366,11 @@ def pareto_frontier(
     limits = [float(x) for x in limits_mb]
     if not limits:
         raise ValueError("limits_mb must not be empty")
-    budget = weight_bit_budget(problem, size_limit_mb=min(limits))
-    check_feasible(problem, budget, bops_limit, limit_text=f"{min(limits)} MB")
+    solver = _solver(method)
+    check_feasible(problem, size_limit_mb=min(limits), bops_limit=bops_limit)
     rows = []
-    for lim in limits:
-        bits = solve(problem, method=method, size_limit_mb=lim, bops_limit=bops_limit)
+    for lim in limits:  # feasible at the smallest limit: feasible at every one
+        bits = solver(problem, weight_bit_budget(problem, size_limit_mb=lim), bops_limit)
         row = (problem.size_mb(bits), problem.compression(bits), problem.total_omega(bits))
         rows.append((lim, *row, bits.tolist()))
     size = np.array([r[1] for r in rows])

@@ -23,8 +23,14 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch import nn
 
-from hawq.allocate import AllocConfig, allocate, problem_from_model, to_bit_config
-from hawq.bit_solvers import v1_order, weight_bit_budget
+from hawq.allocate import (
+    AllocConfig,
+    allocate,
+    problem_from_model,
+    to_bit_config,
+    weight_bit_budget,
+)
+from hawq.bit_solvers import v1_order
 from hawq.hessian.table import HessianConfig, analyze
 from hawq.order import OrderConfig, finetune_order
 from hawq.qat import QATConfig, evaluate, run_qat

@@ -14,8 +14,14 @@ import logging
 import pyarrow as pa
 from torch import nn
 
-from hawq.allocate import AllocConfig, Problem, allocate, pareto_frontier, problem_from_model
-from hawq.bit_solvers import check_feasible, weight_bit_budget
+from hawq.allocate import (
+    AllocConfig,
+    Problem,
+    allocate,
+    check_feasible,
+    pareto_frontier,
+    problem_from_model,
+)
 from hawq.order import finetune_order
 from hawq.quant import BitConfig
 from hawq.size import size_summary
@@ -75,15 +81,12 @@ def check_feasibility(cfg: RunConfig, model: nn.Module, blocks: list, example) -
     ]  # fmt: skip
     try:
         problem = problem_from_model(model, records, acfg, example_input=example)
-        budget = weight_bit_budget(
-            problem, size_limit_mb=acfg.size_limit_mb, compression=acfg.compression
+        check_feasible(
+            problem,
+            size_limit_mb=acfg.size_limit_mb,
+            compression=acfg.compression,
+            bops_limit=acfg.bops_limit,
         )
-        limit = (
-            f"{acfg.size_limit_mb} MB"
-            if acfg.size_limit_mb is not None
-            else f"compression {acfg.compression}x"
-        )
-        check_feasible(problem, budget, acfg.bops_limit, limit_text=limit)
     except ValueError as exc:
         raise ConfigError("allocation", str(exc)) from None
 
