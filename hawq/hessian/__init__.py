@@ -11,17 +11,23 @@ from hawq.hessian.eigen import EigenResult, lanczos, power_iteration, top_k
 from hawq.hessian.operator import HessianError, HessianOperator
 from hawq.hessian.table import (
     EIGEN_COLUMNS,
+    EIGEN_RESULT_COLUMNS,
     SENSITIVITY_SCHEMA,
     TRACE_COLUMNS,
     HessianConfig,
     analyze,
     block_eigen_row,
+    eigen_row,
+    resumed_row,
+    sensitivity_table,
+    trace_columns,
     trace_rows,
 )
-from hawq.hessian.trace import TraceResult, hutchinson, rademacher_probe
+from hawq.hessian.trace import TraceResult, hutchinson, probe_sample, rademacher_probe
 
 __all__ = [
     "EIGEN_COLUMNS",
+    "EIGEN_RESULT_COLUMNS",
     "SENSITIVITY_SCHEMA",
     "TRACE_COLUMNS",
     "EigenResult",
@@ -31,11 +37,16 @@ __all__ = [
     "TraceResult",
     "analyze",
     "block_eigen_row",
+    "eigen_row",
     "find_double_backward_failures",
     "hutchinson",
     "lanczos",
     "power_iteration",
+    "probe_sample",
     "rademacher_probe",
+    "resumed_row",
+    "sensitivity_table",
     "top_k",
+    "trace_columns",
     "trace_rows",
 ]

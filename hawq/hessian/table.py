@@ -6,6 +6,10 @@ and, if ``config.trace``, every block's trace ``Tr(H_bb)`` from shared Hutchinso
 (HAWQ-V2's ``Tr(H_i)``). Sensitivities are then ``eigenvalue / n_params`` or
 ``trace / n_params``; this module reports the raw quantities.
 
+The rows are assembled by public functions (``eigen_row``, ``resumed_row`` for finished rows of
+an earlier run, ``trace_columns`` over per-probe samples, ``sensitivity_table``) that a
+distributed backend calls too, so its table is built exactly as ``analyze``'s.
+
 Determinism: block ``b``'s start vector is ``randn`` from a generator seeded with
 ``derive_seed(seed, "eig", b.name)`` (drawn in float64 on the CPU), probe ``p`` from
 ``derive_seed(seed, "probe", p)``. The same seed, data and thread count give a bitwise
@@ -28,7 +32,7 @@ from tqdm.auto import tqdm
 from hawq.blocks import Block, partition_blocks
 from hawq.hessian.eigen import METHODS, top_k
 from hawq.hessian.operator import Batch, HessianOperator, LossFn
-from hawq.hessian.trace import hutchinson, rademacher_probe
+from hawq.hessian.trace import hutchinson, probe_sample
 from hawq.seeding import derive_seed
 from hawq.validation import check_int, check_number, check_seed
 
@@ -59,6 +63,8 @@ EIGEN_COLUMNS = (
     "block", "modules", "n_params", "eigenvalue", "eigenvalues", "hvps", "residual",
     "converged", "seed", "seconds",
 )  # fmt: skip
+EIGEN_RESULT_COLUMNS = ("eigenvalue", "eigenvalues", "hvps", "residual", "converged", "seconds")
+"""The computed part of an eigen row; the rest describes the block (see ``eigen_row``)."""
 TRACE_COLUMNS = ("trace", "trace_stderr", "trace_probes")
 
 
@@ -98,8 +104,34 @@ class HessianConfig:
         return None if self.memory_budget_mb is None else int(self.memory_budget_mb * 2**20)
 
 
+def eigen_row(block: Block, config: HessianConfig, computed: Mapping) -> dict:
+    """``block``'s eigen row (``EIGEN_COLUMNS``): its name, modules, size and the seed, plus
+    the ``EIGEN_RESULT_COLUMNS`` of ``computed`` (e.g. what a remote worker sent back)."""
+    return {
+        "block": block.name,
+        "modules": list(block.module_names),
+        "n_params": block.n_params,
+        **{c: computed[c] for c in EIGEN_RESULT_COLUMNS},
+        "seed": config.seed,
+    }
+
+
+def resumed_row(row: Mapping, block: Block, config: HessianConfig) -> dict:
+    """A finished eigen row of ``block`` (from a previous run), checked and reduced to
+    ``EIGEN_COLUMNS``; ``ValueError`` if it lacks columns or is for another block or seed."""
+    missing = [c for c in EIGEN_COLUMNS if c not in row]
+    if missing:
+        raise ValueError(f"done[{block.name!r}] lacks columns {missing}")
+    if row["block"] != block.name or row["seed"] != config.seed:
+        raise ValueError(
+            f"done[{block.name!r}] is for block {row['block']!r} with seed {row['seed']}, "
+            f"not seed {config.seed}"
+        )
+    return {c: row[c] for c in EIGEN_COLUMNS}
+
+
 def block_eigen_row(op: HessianOperator, block: Block, config: HessianConfig) -> dict:
-    """The eigen columns of ``block``'s row (see ``EIGEN_COLUMNS``)."""
+    """Compute ``block``'s eigen row (``EIGEN_COLUMNS``): top-k eigenpairs of ``H_bb``."""
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(derive_seed(config.seed, "eig", block.name))
     v0 = torch.randn(op.dim(block.name), generator=gen, dtype=torch.float64)
@@ -113,17 +145,32 @@ def block_eigen_row(op: HessianOperator, block: Block, config: HessianConfig) ->
         max_iter=config.max_iter,
         generator=gen,
     )
-    return {
-        "block": block.name,
-        "modules": list(block.module_names),
-        "n_params": block.n_params,
+    computed = {
         "eigenvalue": results[0].eigenvalue,
         "eigenvalues": [r.eigenvalue for r in results],
         "hvps": sum(r.hvps for r in results),
         "residual": results[0].residual,
         "converged": all(r.converged for r in results),
-        "seed": config.seed,
         "seconds": time.perf_counter() - start,
+    }
+    return eigen_row(block, config, computed)
+
+
+def trace_columns(
+    sample_fn: Callable[[int], Mapping[str, float]], blocks: Sequence[str], config: HessianConfig
+) -> dict[str, dict]:
+    """The ``TRACE_COLUMNS`` of every block: ``hutchinson`` over the per-probe samples
+    ``sample_fn(p)`` (``probe_sample`` here or on remote workers), stopped by ``config``."""
+    results = hutchinson(
+        sample_fn,
+        blocks,
+        tol=config.trace_tol,
+        max_probes=config.trace_max_probes,
+        min_probes=config.trace_min_probes,
+    )
+    return {
+        b: {"trace": r.mean, "trace_stderr": r.stderr, "trace_probes": r.probes}
+        for b, r in results.items()
     }
 
 
@@ -135,37 +182,25 @@ def trace_rows(
     bar = tqdm(total=config.trace_max_probes, desc="hutchinson", unit="probe", disable=not progress)
 
     def sample(p: int) -> dict[str, float]:
-        vs = rademacher_probe(dims, config.seed, p, dtype=op.dtype, device=op.device)
-        hv = op.hvp_joint(vs)
+        out = probe_sample(op, dims, config.seed, p)
         bar.update(1)
-        return {b: float(vs[b].double() @ hv[b].double()) for b in dims}
+        return out
 
     try:
-        results = hutchinson(
-            sample,
-            list(dims),
-            tol=config.trace_tol,
-            max_probes=config.trace_max_probes,
-            min_probes=config.trace_min_probes,
-        )
+        return trace_columns(sample, list(dims), config)
     finally:
         bar.close()
-    return {
-        b: {"trace": r.mean, "trace_stderr": r.stderr, "trace_probes": r.probes}
-        for b, r in results.items()
-    }
 
 
-def _resumed_row(row: Mapping, block: Block, config: HessianConfig) -> dict:
-    missing = [c for c in EIGEN_COLUMNS if c not in row]
-    if missing:
-        raise ValueError(f"done[{block.name!r}] lacks columns {missing}")
-    if row["block"] != block.name or row["seed"] != config.seed:
-        raise ValueError(
-            f"done[{block.name!r}] is for block {row['block']!r} with seed {row['seed']}, "
-            f"not seed {config.seed}"
-        )
-    return {c: row[c] for c in EIGEN_COLUMNS}
+def sensitivity_table(
+    blocks: Sequence[Block], rows: Mapping[str, Mapping], traces: Mapping[str, Mapping]
+) -> pa.Table:
+    """The ``SENSITIVITY_SCHEMA`` table: eigen ``rows`` and ``traces`` (null when absent) by
+    block name, in ``blocks`` order."""
+    empty = dict.fromkeys(TRACE_COLUMNS)
+    return pa.Table.from_pylist(
+        [{**rows[b.name], **traces.get(b.name, empty)} for b in blocks], schema=SENSITIVITY_SCHEMA
+    )
 
 
 def analyze(
@@ -208,7 +243,7 @@ def analyze(
         try:
             for b in blocks:
                 if b.name in done:
-                    rows[b.name] = _resumed_row(done[b.name], b, config)
+                    rows[b.name] = resumed_row(done[b.name], b, config)
                     continue
                 row = block_eigen_row(op, b, config)
                 rows[b.name] = row
@@ -225,7 +260,4 @@ def analyze(
         finally:
             bar.close()
         traces = trace_rows(op, config, progress=progress) if config.trace else {}
-    empty = dict.fromkeys(TRACE_COLUMNS)
-    return pa.Table.from_pylist(
-        [{**rows[b.name], **traces.get(b.name, empty)} for b in blocks], schema=SENSITIVITY_SCHEMA
-    )
+    return sensitivity_table(blocks, rows, traces)

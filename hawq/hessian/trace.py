@@ -5,6 +5,9 @@ Tr(H_bb)``: the cross terms ``v_b^T H_bc v_c`` have mean zero. One joint HVP per
 gives a sample for every block at once. The estimate of block ``b`` after ``n`` probes is the
 sample mean with standard error ``s / sqrt(n)`` (``s`` the sample standard deviation).
 
+``probe_sample`` computes one probe's samples (one joint HVP); ``hutchinson`` aggregates samples
+in probe order, wherever they were computed.
+
 Determinism: probe ``p`` is a pure function of ``(seed, p)`` (generator seeded with
 ``derive_seed(seed, "probe", p)``, drawn on the CPU in block order) and samples are consumed in
 probe order, so probes computed in parallel elsewhere and fed in order give identical results.
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from hawq.hessian.operator import HessianOperator
 from hawq.seeding import derive_seed
 from hawq.validation import check_int, check_number
 
@@ -54,6 +58,16 @@ def rademacher_probe(
         bits = torch.randint(0, 2, (n,), generator=gen, dtype=torch.int8)
         out[name] = (2 * bits - 1).to(dtype=dtype, device=device)
     return out
+
+
+def probe_sample(
+    op: HessianOperator, dims: Mapping[str, int], seed: int, probe: int
+) -> dict[str, float]:
+    """Hutchinson probe ``probe``'s samples ``{block: v_b^T (H v)_b}`` (float64 dot products)
+    from one joint HVP of ``op`` over the blocks of ``dims`` (name -> size, in block order)."""
+    vs = rademacher_probe(dims, seed, probe, dtype=op.dtype, device=op.device)
+    hv = op.hvp_joint(vs)
+    return {b: float(vs[b].double() @ hv[b].double()) for b in dims}
 
 
 class _Running:

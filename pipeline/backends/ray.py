@@ -10,8 +10,10 @@ Scheduling. A free group takes the next unfinished block, largest ``n_params`` f
 LPT), and computes its eigen row; each block's solver stops on its own. Hutchinson probes go to
 whichever group is free (probes below ``trace_min_probes`` may start while other groups still
 finish blocks); each probe is one joint HVP over all blocks on that group's shards. The driver
-feeds the per-probe samples in probe order to ``hawq.hessian.trace.hutchinson``, so traces equal the
-single-process ones. Only scalars cross to the driver (``stats["bytes_to_driver"]``).
+feeds the per-probe samples in probe order to ``hawq.hessian.table.trace_columns`` (Hutchinson),
+so traces equal the single-process ones; rows and the table come from the same
+``hawq.hessian.table`` functions as ``analyze``. Only scalars cross to the driver
+(``stats["bytes_to_driver"]``).
 
 Faults. A failed call (actor died, collective broken or timed out) makes the driver wait for
 the group's actors (Ray restarts them, ``max_actor_restarts``), rebuild the group's process
@@ -37,8 +39,7 @@ import pyarrow as pa
 import ray
 from tqdm.auto import tqdm
 
-from hawq.hessian.table import SENSITIVITY_SCHEMA, TRACE_COLUMNS, _resumed_row
-from hawq.hessian.trace import hutchinson
+from hawq.hessian.table import eigen_row, resumed_row, sensitivity_table, trace_columns
 from pipeline.backends.base import HessianJob, RowCallback
 from pipeline.backends.ray_actors import FATAL_ERRORS, HessianWorker
 from pipeline.backends.ray_config import RayBackendConfig
@@ -307,13 +308,7 @@ class RayBackend:
             self._emit("probe", group=call.group, kind="probe", key=call.key)
             return
         block = self._by_name[call.key]
-        row = {
-            "block": block.name,
-            "modules": list(block.module_names),
-            "n_params": block.n_params,
-            **first,
-            "seed": self._job.config.seed,
-        }
+        row = eigen_row(block, self._job.config, first)
         self._rows[block.name] = row
         self.stats["blocks_computed"] += 1
         self.stats["eigen_hvps"] += row["hvps"]
@@ -350,7 +345,7 @@ class RayBackend:
         done = dict(done or {})
         blocks = list(job.blocks)
         self._by_name = {b.name: b for b in blocks}
-        rows = {b.name: _resumed_row(done[b.name], b, hcfg) for b in blocks if b.name in done}
+        rows = {b.name: resumed_row(done[b.name], b, hcfg) for b in blocks if b.name in done}
         todo = sorted((b for b in blocks if b.name not in done), key=lambda b: -b.n_params)
         self.stats = dict.fromkeys(
             ("bytes_to_driver", "bytes_results", "recoveries", "blocks_computed", "eigen_hvps",
@@ -391,23 +386,13 @@ class RayBackend:
                 self._bar.close()
                 self._bar = tqdm(total=hcfg.trace_max_probes, desc="hutchinson", unit="probe",
                                  disable=not progress)  # fmt: skip
-                results = hutchinson(self._sample, [b.name for b in blocks], tol=hcfg.trace_tol,
-                                     max_probes=hcfg.trace_max_probes,
-                                     min_probes=hcfg.trace_min_probes)  # fmt: skip
-                traces = {
-                    b: {"trace": r.mean, "trace_stderr": r.stderr, "trace_probes": r.probes}
-                    for b, r in results.items()
-                }
+                traces = trace_columns(self._sample, [b.name for b in blocks], hcfg)
         finally:
             self._bar.close()
             self._drain()
         self.stats.update(seconds_setup=t1 - t0, seconds_eigen=t2 - t1,
                           seconds_trace=time.perf_counter() - t2)  # fmt: skip
-        empty = dict.fromkeys(TRACE_COLUMNS)
-        return pa.Table.from_pylist(
-            [{**rows[b.name], **traces.get(b.name, empty)} for b in blocks],
-            schema=SENSITIVITY_SCHEMA,
-        )
+        return sensitivity_table(blocks, rows, traces)
 
     def _drain(self) -> None:
         """Wait out speculative calls still running, so the actors are idle after ``run``."""

@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 
 from hawq.hessian.operator import HessianError, HessianOperator
-from hawq.hessian.table import block_eigen_row
-from hawq.hessian.trace import rademacher_probe
+from hawq.hessian.table import EIGEN_RESULT_COLUMNS, block_eigen_row
+from hawq.hessian.trace import probe_sample
 from pipeline.backends.base import Batch, HessianJob
 
 logger = logging.getLogger(__name__)
@@ -38,9 +38,6 @@ FATAL_ERRORS: tuple[type[BaseException], ...] = (
     FloatingPointError,
 )
 """Errors that a rebuilt group would raise again: the driver re-raises them at once."""
-
-EIGEN_RESULT_KEYS = ("eigenvalue", "eigenvalues", "hvps", "residual", "converged", "seconds")
-"""The computed part of an eigen row; the driver adds the static columns (name, n_params, ...)."""
 
 
 class GroupError(RuntimeError):
@@ -175,20 +172,17 @@ class HessianWorker:
         return {"n_samples": self._op.n_samples, "local_samples": sum(len(y) for _, y in shard)}
 
     def eigen(self, gen: int, block: str) -> dict:
-        """The computed eigen columns of ``block`` (``EIGEN_RESULT_KEYS``): scalars only."""
+        """The computed eigen columns of ``block`` (``EIGEN_RESULT_COLUMNS``): scalars only."""
         with self._guard(gen):
             assert self._op is not None and self._job is not None
             row = block_eigen_row(self._op, self._blocks[block], self._job.config)
-        return {k: row[k] for k in EIGEN_RESULT_KEYS}
+        return {k: row[k] for k in EIGEN_RESULT_COLUMNS}
 
     def probe(self, gen: int, p: int) -> dict[str, float]:
         """Hutchinson probe ``p``: ``{block: v_b^T (H v)_b}`` from one joint HVP over all blocks."""
         with self._guard(gen):
             assert self._op is not None and self._job is not None
-            op, seed = self._op, self._job.config.seed
-            vs = rademacher_probe(self._dims, seed, p, dtype=op.dtype, device=op.device)
-            hv = op.hvp_joint(vs)
-        return {b: float(vs[b].double() @ hv[b].double()) for b in self._dims}
+            return probe_sample(self._op, self._dims, self._job.config.seed, p)
 
     def counters(self) -> Mapping[str, int]:
         """HVPs applied and first-order graphs cached by this worker's current operator."""
