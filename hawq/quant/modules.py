@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
+from typing import Self
 
 import torch
 import torch.nn.functional as F
@@ -89,13 +90,29 @@ class _QuantMixin:
     weight: nn.Parameter
     input_quant: ActQuant
 
-    def _setup_quant(
-        self, bits: LayerBits, *, per_channel: bool, percentile: float | None, act_momentum: float
-    ) -> None:
-        self.weight_bits = check_bits("weight bits", bits.weight)
-        self.per_channel = per_channel
-        self.percentile = percentile
-        self.input_quant = ActQuant(bits.act, momentum=act_momentum)
+    @classmethod
+    def _meta_like(cls, float_module: nn.Module) -> Self:
+        """An instance shaped like ``float_module`` on the meta device (no storage)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_float(
+        cls,
+        float_module: nn.Module,
+        bits: LayerBits,
+        *,
+        per_channel: bool = True,
+        percentile: float | None = None,
+        act_momentum: float = 0.99,
+    ) -> Self:
+        """The quantized twin of ``float_module``: its weight/bias Parameters, device and mode."""
+        q = cls._meta_like(float_module)
+        q.weight, q.bias = float_module.weight, float_module.bias
+        q.weight_bits = check_bits("weight bits", bits.weight)
+        q.per_channel = per_channel
+        q.percentile = percentile
+        q.input_quant = ActQuant(bits.act, momentum=act_momentum).to(float_module.weight.device)
+        return q.train(float_module.training)
 
     @property
     def bits(self) -> LayerBits:
@@ -111,9 +128,10 @@ class _QuantMixin:
             self.weight, self.weight_bits, per_channel=self.per_channel, percentile=self.percentile
         )
 
-    def _quant_repr(self) -> str:
+    def extra_repr(self) -> str:
         p = f", percentile={self.percentile}" if self.percentile is not None else ""
-        return f"w_bits={self.weight_bits}, a_bits={self.input_quant.bits}, " + (
+        return (
+            f"{super().extra_repr()}, w_bits={self.weight_bits}, a_bits={self.input_quant.bits}, "
             f"per_channel={self.per_channel}{p}"
         )
 
@@ -122,16 +140,8 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
     """``nn.Conv2d`` whose weight and input are fake-quantized on every forward."""
 
     @classmethod
-    def from_float(
-        cls,
-        conv: nn.Conv2d,
-        bits: LayerBits,
-        *,
-        per_channel: bool = True,
-        percentile: float | None = None,
-        act_momentum: float = 0.99,
-    ) -> QuantConv2d:
-        q = cls(
+    def _meta_like(cls, conv: nn.Conv2d) -> QuantConv2d:
+        return cls(
             conv.in_channels,
             conv.out_channels,
             conv.kernel_size,
@@ -143,48 +153,21 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
             padding_mode=conv.padding_mode,
             device="meta",
         )
-        q.weight, q.bias = conv.weight, conv.bias
-        q._setup_quant(
-            bits, per_channel=per_channel, percentile=percentile, act_momentum=act_momentum
-        )
-        q.input_quant.to(conv.weight.device)
-        return q.train(conv.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(self.input_quant(x), self.quantized_weight(), self.bias)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, {self._quant_repr()}"
 
 
 class QuantLinear(_QuantMixin, nn.Linear):
     """``nn.Linear`` whose weight and input are fake-quantized on every forward."""
 
     @classmethod
-    def from_float(
-        cls,
-        linear: nn.Linear,
-        bits: LayerBits,
-        *,
-        per_channel: bool = True,
-        percentile: float | None = None,
-        act_momentum: float = 0.99,
-    ) -> QuantLinear:
-        q = cls(
-            linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta"
-        )
-        q.weight, q.bias = linear.weight, linear.bias
-        q._setup_quant(
-            bits, per_channel=per_channel, percentile=percentile, act_momentum=act_momentum
-        )
-        q.input_quant.to(linear.weight.device)
-        return q.train(linear.training)
+    def _meta_like(cls, linear: nn.Linear) -> QuantLinear:
+        bias = linear.bias is not None
+        return cls(linear.in_features, linear.out_features, bias=bias, device="meta")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.input_quant(x), self.quantized_weight(), self.bias)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, {self._quant_repr()}"
 
 
 QUANT_TYPES = (QuantConv2d, QuantLinear)
