@@ -24,11 +24,11 @@ from functools import partial
 import pyarrow as pa
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from hawq.blocks import Block, derive_seed, partition_blocks
 from hawq.eigen import METHODS, top_k
 from hawq.hvp import Batch, HessianOperator, LossFn
+from hawq.optional import progress_bar
 from hawq.trace import hutchinson, rademacher_probe
 
 logger = logging.getLogger(__name__)
@@ -152,7 +152,9 @@ def trace_rows(
 ) -> dict[str, dict]:
     """The trace columns of every block, from one joint HVP per Rademacher probe."""
     dims = {b.name: op.dim(b.name) for b in op.blocks}
-    bar = tqdm(total=config.trace_max_probes, desc="hutchinson", unit="probe", disable=not progress)
+    bar = progress_bar(
+        total=config.trace_max_probes, desc="hutchinson", unit="probe", disable=not progress
+    )
 
     def sample(p: int) -> dict[str, float]:
         vs = rademacher_probe(dims, config.seed, p, dtype=op.dtype, device=op.device)
@@ -217,7 +219,7 @@ def analyze(
         model, loss_fn, batches, blocks, memory_budget_bytes=config.memory_budget_bytes
     ) as op:
         todo = [b for b in blocks if b.name not in done]
-        bar = tqdm(
+        bar = progress_bar(
             total=len(blocks),
             initial=len(blocks) - len(todo),
             desc="block eigenvalues",

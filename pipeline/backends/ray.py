@@ -35,8 +35,8 @@ from typing import Any
 
 import pyarrow as pa
 import ray
-from tqdm.auto import tqdm
 
+from hawq.optional import progress_bar
 from hawq.sensitivity import SENSITIVITY_SCHEMA, TRACE_COLUMNS, _resumed_row
 from hawq.trace import hutchinson
 from pipeline.backends.base import HessianJob, RowCallback
@@ -380,8 +380,8 @@ class RayBackend:
         self._probe_waiting = 0
         self._samples: dict[int, dict[str, float]] = {}
         self._rows, self._on_row = rows, on_row
-        self._bar = tqdm(total=len(blocks), initial=len(rows), desc="block eigenvalues",
-                         unit="block", disable=not progress)  # fmt: skip
+        self._bar = progress_bar(total=len(blocks), initial=len(rows), desc="block eigenvalues",
+                                 unit="block", disable=not progress)  # fmt: skip
         try:
             while self._blocks_todo or any(c.kind == "eigen" for c in self._inflight.values()):
                 self._step()
@@ -389,8 +389,8 @@ class RayBackend:
             traces: dict[str, dict] = {}
             if hcfg.trace:
                 self._bar.close()
-                self._bar = tqdm(total=hcfg.trace_max_probes, desc="hutchinson", unit="probe",
-                                 disable=not progress)  # fmt: skip
+                self._bar = progress_bar(total=hcfg.trace_max_probes, desc="hutchinson",
+                                         unit="probe", disable=not progress)  # fmt: skip
                 results = hutchinson(self._sample, [b.name for b in blocks], tol=hcfg.trace_tol,
                                      max_probes=hcfg.trace_max_probes,
                                      min_probes=hcfg.trace_min_probes)  # fmt: skip
