@@ -120,7 +120,9 @@ torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(6, 4, bias=False), nn.Tanh(), nn.Linear(4, 3, bias=False)).double()
 x, y = torch.randn(40, 6, dtype=torch.float64), torch.randint(0, 3, (40,))
 loss_fn = nn.CrossEntropyLoss()
-config = hawq.HessianConfig(seed=0, trace_tol=0.01, trace_max_probes=400, trace_min_probes=50)
+config = hawq.HessianConfig(
+    seed=0, tol=1e-10, trace_tol=0.01, trace_max_probes=400, trace_min_probes=50
+)
 table = hawq.analyze(model, loss_fn, [(x, y)], config, progress=True).to_pylist()
 
 params = dict(model.named_parameters())
