@@ -3,6 +3,9 @@
 The public API in one place; each name lives in a module of one concept (see docs/architecture.md).
 """
 
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _dist_version
+
 from hawq.allocate import (
     Allocation,
     AllocConfig,
@@ -25,7 +28,10 @@ from hawq.quant import BitConfig, LayerBits, export_integer, quantize_, quantize
 from hawq.seeding import derive_seed
 from hawq.size import LayerCost, bops, compression_ratio, layer_costs, model_size_mb, size_summary
 
-__version__ = "0.1.0"
+try:  # the version of pyproject.toml, as installed
+    __version__ = _dist_version("hawq")
+except PackageNotFoundError:  # a source tree on PYTHONPATH that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "SENSITIVITY_SCHEMA",

@@ -17,6 +17,44 @@ from pathlib import Path
 log = logging.getLogger("hawq")
 
 EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT = 0, 1, 2
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class VersionAction(argparse.Action):
+    """``--version``: the installed package's version (pyproject.toml's), torch's and Python's."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs) -> None:
+        kwargs.setdefault("help", "print the version and exit")
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        import platform
+
+        import torch
+
+        import hawq
+
+        print(f"{parser.prog} {hawq.__version__} (torch {torch.__version__}, "
+              f"Python {platform.python_version()})")  # fmt: skip
+        parser.exit()
+
+
+def add_output_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """``-v`` / ``-q`` / ``--log-level``, before (``top``) and after the subcommand alike.
+
+    On a subcommand the defaults are SUPPRESS, so an option given before it is not reset.
+    """
+
+    def default(value: object) -> object:
+        return value if top else argparse.SUPPRESS
+
+    g = parser.add_argument_group("output options (before or after the command)")
+    g.add_argument("-v", "--verbose", dest="log_level", action="store_const", const="DEBUG",
+                   default=default(None), help="debug logging")  # fmt: skip
+    g.add_argument("-q", "--quiet", action="store_true", default=default(False),
+                   help="warnings only, no progress bars")  # fmt: skip
+    g.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default=default(None),
+                   help="logging level (default INFO)")  # fmt: skip
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,10 +63,16 @@ def _parser() -> argparse.ArgumentParser:
         description="Hessian-aware mixed-precision quantization pipeline.",
         epilog="Example: hawq run configs/quickstart.yaml && hawq report runs/quickstart",
     )
-    p.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bars")
+    p.add_argument("--version", action=VersionAction)
+    add_output_options(p, top=True)
+    common = argparse.ArgumentParser(add_help=False)
+    add_output_options(common, top=False)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    r = sub.add_parser("run", help="run (or continue) the pipeline for a config")
+    def command(name: str, summary: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=summary, parents=[common])
+
+    r = command("run", "run (or continue) the pipeline for a config")
     r.add_argument("config", help="YAML config file")
     r.add_argument("--run-dir", help="run directory (default: run.run_dir or runs/<run.name>)")
     r.add_argument(
@@ -41,29 +85,29 @@ def _parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--until", metavar="STAGE", help="stop after this stage")
 
-    r = sub.add_parser("resume", help="continue a run from its run dir")
+    r = command("resume", "continue a run from its run dir")
     r.add_argument("run_dir")
     r.add_argument("--until", metavar="STAGE", help="stop after this stage")
     r.add_argument(
         "--repair", action="store_true", help="delete truncated/corrupt files and recompute them"
     )
 
-    r = sub.add_parser("status", help="stages done / running / pending, and what runs next")
+    r = command("status", "stages done / running / pending, and what runs next")
     r.add_argument("run_dir")
 
-    r = sub.add_parser("report", help="tables on the terminal and PNG plots")
+    r = command("report", "tables on the terminal and PNG plots")
     r.add_argument("run_dir")
     r.add_argument("--out", help="folder for the PNGs (default: RUN_DIR/report)")
 
-    r = sub.add_parser("export", help="finish the run through export; copy the integer model")
+    r = command("export", "finish the run through export; copy the integer model")
     r.add_argument("run_dir")
     r.add_argument("--out", help="folder to copy the exported files to")
     return p
 
 
-def _setup_logging(quiet: bool) -> None:
+def _setup_logging(quiet: bool, level: str | None) -> None:
     logging.basicConfig(
-        level=logging.WARNING if quiet else logging.INFO,
+        level=level or ("WARNING" if quiet else "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,
@@ -134,8 +178,9 @@ def _cmd_export(run_dir: str, out: str | None, progress: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hawq`` console script."""
     args = _parser().parse_args(argv)
-    _setup_logging(args.quiet)
+    _setup_logging(args.quiet, args.log_level)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    from hawq.optional import MissingExtra
     from pipeline.atomic import StoreError
     from pipeline.config import ConfigError
 
@@ -165,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(report(args.run_dir, args.out))
         elif args.command == "export":
             _cmd_export(args.run_dir, args.out, progress)
-    except (ConfigError, StoreError, _BadArgs) as exc:
+    except (ConfigError, StoreError, _BadArgs, MissingExtra) as exc:
         print(f"hawq: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

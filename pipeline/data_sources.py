@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hawq.optional import require
 from pipeline.config_schema import DataConfig
 from pipeline.config_types import ConfigError
 
@@ -74,9 +75,8 @@ def _array_source(xtr, ytr, xte, yte, num_classes: int, location: str) -> Source
 
 def read_digits() -> Source:
     """scikit-learn's 1,797 8x8 digits (pixel values 0..16 scaled to [0, 1]); no test split."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
+    datasets = require("sklearn.datasets", feature="data.name: digits")
+    d = datasets.load_digits()
     x = (d.images.astype(np.float32) / np.float32(16.0))[:, None]
     return _array_source(x, d.target, None, None, 10, "sklearn.datasets.load_digits")
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from hawq.optional import available, install_hint, require
 from pipeline.atomic import atomic_write_bytes, read_parquet
 from pipeline.store import RunStore
 
@@ -27,12 +28,30 @@ PLOTS = ("sensitivity.png", "bits.png", "pareto.png", "accuracy.png")
 
 
 def fmt(value: object) -> str:
-    """Compact cell text: 4 significant digits for floats, '-' for missing."""
+    """Cell text: floats with 4 significant digits (trailing zeros kept, so a column reads
+    evenly: ``0.9900``, ``7.010``; from 1000 on, whole numbers), '-' for missing."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if isinstance(value, float):
-        return f"{value:.4g}"
+        if math.isfinite(value) and abs(value) >= 1000:
+            return f"{value:.0f}"
+        return f"{value:#.4g}".removesuffix(".")
     return str(value)
+
+
+def fmt_pm(value: float, stderr: float | None) -> str:
+    """``value ± stderr`` with the error to 2 significant digits and the value to the same
+    decimal place (``2.190 ± 0.20`` would overstate; ``2.19 ± 0.20``); a common power of ten
+    outside [1e-3, 1e5)."""
+    if stderr is None or not math.isfinite(stderr) or stderr <= 0 or not math.isfinite(value):
+        return fmt(value) if stderr is None else f"{fmt(value)} ± {fmt(stderr)}"
+    big = max(abs(value), stderr)
+    exp = math.floor(math.log10(big)) if big >= 1e5 or big < 1e-3 else 0
+    v, e = value / 10**exp, stderr / 10**exp
+    decimals = 1 - math.floor(math.log10(e))  # negative: round to tens, hundreds, ...
+    v, e = round(v, decimals), round(e, decimals)
+    text = f"{v:.{max(decimals, 0)}f} ± {e:.{max(decimals, 0)}f}"
+    return text if exp == 0 else f"({text})e{exp:+03d}"
 
 
 def format_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -75,7 +94,7 @@ def tables(store: RunStore) -> list[str]:
                     n,
                     r["eigenvalue"],
                     r["eigenvalue"] / n,
-                    None if tr is None else f"{tr:.4g} ± {r['trace_stderr']:.2g}",
+                    None if tr is None else fmt_pm(tr, r["trace_stderr"]),
                     None if tr is None else tr / n,
                     b.get(r["block"], {}).get("bits"),
                     o.get(r["block"], {}).get("omega"),
@@ -159,8 +178,7 @@ def tables(store: RunStore) -> list[str]:
 
 def plots(store: RunStore, out_dir: Path) -> list[Path]:
     """Write the PNG plots whose inputs exist into ``out_dir``; return their paths."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", feature="the report's plots")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -241,6 +259,11 @@ def report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None)
     store = RunStore(Path(run_dir))
     text = tables(store)
     target = Path(out_dir) if out_dir is not None else store.root / "report"
+    if not available("matplotlib"):  # the tables stand alone
+        text.append(
+            f"Plots: skipped, matplotlib is not installed. Fix: {install_hint('matplotlib')}"
+        )
+        return "\n\n".join(text)
     written = plots(store, target)
     if written:
         text.append("Plots:\n" + "\n".join(f"  {p}" for p in written))

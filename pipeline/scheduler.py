@@ -35,7 +35,7 @@ from pipeline.data import DataBundle, load_data
 from pipeline.stages import STAGES, StageContext, stage_by_name
 from pipeline.stages.base import Params, resolve_device
 from pipeline.store import RunStore
-from pipeline.validate import check_identity, check_run_dir, identity_of, preflight
+from pipeline.validate import check_extras, check_identity, check_run_dir, identity_of, preflight
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +181,7 @@ def prepare(
     """
     root = Path(run_dir if run_dir is not None else cfg.run.directory)
     check_run_dir(root)
+    check_extras(cfg)
     store = RunStore(root)
     if cfg.run.torch_threads:
         torch.set_num_threads(cfg.run.torch_threads)

@@ -14,12 +14,25 @@ from typing import Any
 
 import torch
 
+from hawq.optional import EXTRAS, available, install_hint
 from pipeline.atomic import StoreError
 from pipeline.config import ConfigError, RunConfig, section_dict
 from pipeline.data import DataBundle
 from pipeline.store import RunStore
 
-__all__ = ["check_identity", "check_run_dir", "identity_of", "preflight"]
+__all__ = ["check_extras", "check_identity", "check_run_dir", "identity_of", "preflight"]
+
+
+def check_extras(cfg: RunConfig) -> None:
+    """The optional dependencies the config needs are installed (the fix names hawq's extra)."""
+    needs = [
+        ("backend.kind", cfg.backend.kind, "ray", cfg.backend.kind == "ray"),
+        ("data.name", cfg.data.name, "sklearn", cfg.data.name == "digits"),
+    ]
+    for key, value, module, needed in needs:
+        if needed and not available(module):
+            dist = EXTRAS[module][0]
+            raise ConfigError(key, f"{value!r} needs {dist}. Fix: {install_hint(module)}")
 
 
 def check_run_dir(root: Path) -> None:

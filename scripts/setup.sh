@@ -13,12 +13,14 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null &
     || echo "[setup] warning: dataset-fashion-mnist could not be installed; Fashion-MNIST tests will fail"
 fi
 
-stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+# The venv is reinstalled only when pyproject.toml or constraints.txt changed (a stamp of both).
+# Always with -c constraints.txt: the tested versions, and torch 2.13.0 as the CPU build.
+stamp=.venv/.installed-$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ]; then
-  echo "[setup] creating .venv and installing hawq with pinned dependencies"
+  echo "[setup] creating .venv and installing hawq[dev] with the versions of constraints.txt"
   [ -x .venv/bin/python ] || "$PY" -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip==25.3
-  .venv/bin/python -m pip install -q -e '.[dev]'
+  .venv/bin/python -m pip install -q -c constraints.txt -e '.[dev]'
   rm -f .venv/.installed-*
   touch "$stamp"
 fi

@@ -12,23 +12,22 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from slurm.launch import (
-    DEFAULT_FOLDER,
-    LaunchError,
-    SlurmLaunchConfig,
-    make_job,
-    outcome,
-    sbatch_script,
-    submit_run,
-)
+from hawq.optional import MissingExtra, require
+from pipeline.cli import VersionAction, add_output_options
 
 log = logging.getLogger(__name__)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hawq-slurm", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action=VersionAction)
+    add_output_options(parser, top=True)
+    common = argparse.ArgumentParser(add_help=False)
+    add_output_options(common, top=False)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("submit", help="submit `hawq run CONFIG` (or resume RUN_DIR) as a job")
+    p = sub.add_parser(
+        "submit", help="submit `hawq run CONFIG` (or resume RUN_DIR) as a job", parents=[common]
+    )
     p.add_argument("config", help="run config (YAML); a RUN_DIR with a run resumes its own")
     p.add_argument("--run-dir", required=True, help="run directory (on a shared filesystem)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -39,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mem-gb", type=float)
     p.add_argument("--time-min", type=int, default=60)
     p.add_argument("--job-name", default="hawq")
-    p.add_argument("--folder", default=DEFAULT_FOLDER, help="submitit logs (%%j = job id)")
+    p.add_argument("--folder", help="submitit logs (%%j = job id; default runs/slurm/%%j)")
     p.add_argument("--signal-delay-s", type=int, default=120)
     p.add_argument("--no-requeue", dest="requeue", action="store_false")
     p.add_argument("--setup", action="append", default=[], metavar="LINE")
@@ -51,7 +50,23 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    level = args.log_level or ("WARNING" if args.quiet else "INFO")
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        require("submitit", feature="hawq-slurm")
+    except MissingExtra as err:
+        print(f"hawq-slurm: error: {err}", file=sys.stderr)
+        return 2
+    from slurm.launch import (
+        LaunchError,
+        SlurmLaunchConfig,
+        make_job,
+        outcome,
+        sbatch_script,
+        submit_run,
+    )
+
+    folder = {} if args.folder is None else {"folder": args.folder}
     try:
         cfg = SlurmLaunchConfig(
             partition=args.partition,
@@ -61,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             mem_gb=args.mem_gb,
             time_min=args.time_min,
             job_name=args.job_name,
-            folder=args.folder,
+            **folder,
             signal_delay_s=args.signal_delay_s,
             requeue=args.requeue,
             setup=tuple(args.setup),

@@ -27,12 +27,12 @@ from functools import partial
 import pyarrow as pa
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from hawq.blocks import Block, partition_blocks
 from hawq.hessian.eigen import METHODS, top_k
 from hawq.hessian.operator import Batch, HessianOperator, LossFn
 from hawq.hessian.trace import hutchinson, probe_sample
+from hawq.optional import progress_bar
 from hawq.seeding import derive_seed
 from hawq.validation import check_int, check_number, check_seed
 
@@ -179,7 +179,9 @@ def trace_rows(
 ) -> dict[str, dict]:
     """The trace columns of every block, from one joint HVP per Rademacher probe."""
     dims = {b.name: op.dim(b.name) for b in op.blocks}
-    bar = tqdm(total=config.trace_max_probes, desc="hutchinson", unit="probe", disable=not progress)
+    bar = progress_bar(
+        total=config.trace_max_probes, desc="hutchinson", unit="probe", disable=not progress
+    )
 
     def sample(p: int) -> dict[str, float]:
         out = probe_sample(op, dims, config.seed, p)
@@ -232,7 +234,7 @@ def analyze(
         model, loss_fn, batches, blocks, memory_budget_bytes=config.memory_budget_bytes
     ) as op:
         todo = [b for b in blocks if b.name not in done]
-        bar = tqdm(
+        bar = progress_bar(
             total=len(blocks),
             initial=len(blocks) - len(todo),
             desc="block eigenvalues",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 
+from hawq.optional import require
 from pipeline.backends.base import HessianBackend, HessianJob
 from pipeline.backends.local import LocalBackend
 from pipeline.config import BackendSection
@@ -17,6 +18,7 @@ def make_backend(section: BackendSection, *, device: str = "cpu") -> HessianBack
     if section.kind == "local":
         return LocalBackend(device)
     if section.kind == "ray":
+        require("ray", feature="backend.kind: ray")
         from pipeline.backends.ray import RayBackend
         from pipeline.backends.ray_config import RayBackendConfig
 

@@ -37,9 +37,9 @@ from typing import Any
 
 import pyarrow as pa
 import ray
-from tqdm.auto import tqdm
 
 from hawq.hessian.table import eigen_row, resumed_row, sensitivity_table, trace_columns
+from hawq.optional import progress_bar
 from pipeline.backends.base import HessianJob, RowCallback
 from pipeline.backends.ray_actors import FATAL_ERRORS, HessianWorker
 from pipeline.backends.ray_config import RayBackendConfig
@@ -375,8 +375,8 @@ class RayBackend:
         self._probe_waiting = 0
         self._samples: dict[int, dict[str, float]] = {}
         self._rows, self._on_row = rows, on_row
-        self._bar = tqdm(total=len(blocks), initial=len(rows), desc="block eigenvalues",
-                         unit="block", disable=not progress)  # fmt: skip
+        self._bar = progress_bar(total=len(blocks), initial=len(rows), desc="block eigenvalues",
+                                 unit="block", disable=not progress)  # fmt: skip
         try:
             while self._blocks_todo or any(c.kind == "eigen" for c in self._inflight.values()):
                 self._step()
@@ -384,8 +384,8 @@ class RayBackend:
             traces: dict[str, dict] = {}
             if hcfg.trace:
                 self._bar.close()
-                self._bar = tqdm(total=hcfg.trace_max_probes, desc="hutchinson", unit="probe",
-                                 disable=not progress)  # fmt: skip
+                self._bar = progress_bar(total=hcfg.trace_max_probes, desc="hutchinson",
+                                         unit="probe", disable=not progress)  # fmt: skip
                 traces = trace_columns(self._sample, [b.name for b in blocks], hcfg)
         finally:
             self._bar.close()
