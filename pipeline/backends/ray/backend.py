@@ -40,8 +40,9 @@ from tqdm.auto import tqdm
 from hawq.sensitivity import SENSITIVITY_SCHEMA, TRACE_COLUMNS, _resumed_row
 from hawq.trace import hutchinson
 from pipeline.backends.base import HessianJob, RowCallback
-from pipeline.backends.ray_actors import FATAL_ERRORS, HessianWorker
-from pipeline.backends.ray_config import RayBackendConfig
+from pipeline.backends.ray import default_auth_mode
+from pipeline.backends.ray.actors import FATAL_ERRORS, HessianWorker
+from pipeline.backends.ray.config import RayBackendConfig
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ class RayBackend:
                 logger.info("Ray is already initialised: ignoring address %r", cfg.address)
             return
         if cfg.address is None:
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            default_auth_mode()
             ray.init(
                 address="local",
                 num_cpus=(os.cpu_count() or 1) if cfg.num_cpus is None else cfg.num_cpus,
