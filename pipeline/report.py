@@ -23,8 +23,6 @@ from pipeline.store import RunStore
 
 log = logging.getLogger(__name__)
 
-PLOTS = ("sensitivity.png", "bits.png", "pareto.png", "accuracy.png")
-
 
 def fmt(value: object) -> str:
     """Compact cell text: 4 significant digits for floats, '-' for missing."""

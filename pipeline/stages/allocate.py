@@ -13,9 +13,9 @@ import logging
 import pyarrow as pa
 from torch import nn
 
-from hawq.allocate import AllocConfig, Problem, allocate, pareto_frontier, problem_from_model
+from hawq import AllocConfig, allocate, pareto_frontier, problem_from_model, size_summary
+from hawq.allocate import Problem
 from hawq.bitsolve import check_feasible, weight_bit_budget
-from hawq.size import size_summary
 from pipeline.atomic import atomic_write_text
 from pipeline.config import ConfigError, RunConfig
 from pipeline.stages.base import Params, Stage, StageContext, flat

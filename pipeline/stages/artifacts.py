@@ -12,8 +12,7 @@ import itertools
 import torch
 from torch import nn
 
-from hawq.bitconfig import BitConfig
-from hawq.quant_modules import quantize_
+from hawq import BitConfig, quantize_
 from pipeline.stages.base import StageContext
 
 CALIBRATION_BATCHES = 4

@@ -16,8 +16,8 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from hawq.blocks import derive_seed
-from hawq.qat import evaluate, train_float
+from hawq import derive_seed, evaluate
+from hawq.qat import train_float
 from pipeline.config import RunConfig
 from pipeline.models import build_model, model_factory
 from pipeline.stages.base import Params, Stage, StageContext, flat

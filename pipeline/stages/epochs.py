@@ -39,7 +39,6 @@ EPOCH_SCHEMA = pa.schema(
 )
 """Per-epoch metrics of baseline training (phase ``baseline``) and QAT (phase ``finetune``)."""
 
-EpochHook = Callable[[EpochRecord, QATState], None]
 TrainLoop = Callable[..., list[EpochRecord]]  # (state=..., on_epoch_end=...) -> records
 
 

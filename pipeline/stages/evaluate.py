@@ -12,9 +12,8 @@ import math
 
 import pyarrow as pa
 
-from hawq.qat import evaluate
+from hawq import evaluate, size_summary
 from hawq.quant_modules import calibrate_
-from hawq.size import size_summary
 from pipeline.stages.artifacts import (
     calibration_inputs,
     load_bit_config,

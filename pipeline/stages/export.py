@@ -14,7 +14,8 @@ import math
 import pyarrow as pa
 import torch
 
-from hawq.quant_modules import export_integer, quantized_modules
+from hawq import export_integer
+from hawq.quant_modules import quantized_modules
 from pipeline.atomic import atomic_write_text
 from pipeline.stages.artifacts import load_bit_config, quantized_model
 from pipeline.stages.base import Stage, StageContext, no_params

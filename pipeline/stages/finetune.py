@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 
-from hawq.qat import run_qat
+from hawq import run_qat
 from hawq.quant_modules import calibrate_
 from pipeline.config import RunConfig
 from pipeline.stages.artifacts import (

@@ -13,8 +13,8 @@ import logging
 import pyarrow as pa
 import torch
 
-from hawq.blocks import partition_blocks
-from hawq.sensitivity import EIGEN_COLUMNS, SENSITIVITY_SCHEMA
+from hawq import SENSITIVITY_SCHEMA, partition_blocks
+from hawq.sensitivity import EIGEN_COLUMNS
 from pipeline.backends.base import HessianJob
 from pipeline.config import RunConfig
 from pipeline.models import loss_fn_for, model_factory

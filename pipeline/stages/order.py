@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from hawq.order import finetune_order
+from hawq import finetune_order
 from pipeline.config import RunConfig
 from pipeline.stages.base import Params, Stage, StageContext
 
