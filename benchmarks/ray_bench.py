@@ -31,19 +31,19 @@ import time
 from pathlib import Path
 
 import numpy as np
+import ray
 import torch
 import torch.nn.functional as F
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+from hawq.blocks import partition_blocks
+from hawq.hessian.table import HessianConfig
+from hawq.models.resnet_cifar import cifar_resnet, load_cifar_checkpoint
+from pipeline.backends.base import HessianJob
+from pipeline.backends.local import LocalBackend
+from pipeline.backends.ray import RayBackendConfig, default_auth_mode
+from pipeline.backends.ray.backend import RayBackend
 
-import ray  # noqa: E402
-
-from hawq.blocks import partition_blocks  # noqa: E402
-from hawq.hessian.table import HessianConfig  # noqa: E402
-from hawq.models.resnet_cifar import cifar_resnet, load_cifar_checkpoint  # noqa: E402
-from pipeline.backends.base import HessianJob  # noqa: E402
-from pipeline.backends.local import LocalBackend  # noqa: E402
-from pipeline.backends.ray import RayBackend, RayBackendConfig  # noqa: E402
+default_auth_mode()  # before this script's ray.init
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)

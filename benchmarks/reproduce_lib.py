@@ -1,4 +1,6 @@
-"""Helpers of ``reproduce_cifar10.py``: config, statistics, allocation ablations, the report."""
+"""Shared by ``reproduce_cifar10.py`` (experiments) and ``reproduce_report.py`` (the doc).
+
+Config, result types, statistics, allocation ablations, formatting."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import numpy as np
 import yaml
 
 from hawq.allocate import Allocation, AllocConfig, Problem, allocate
+from hawq.qat import EpochRecord, QATConfig
 
 PAPER_ROWS = (
     # method, W bits, A bits, W-Comp, A-Comp, size (MB), top-1 (%)  (HAWQ v1, Table 1)
@@ -114,6 +117,47 @@ def smoke_config(cfg: ReproConfig, out_dir: Path) -> ReproConfig:
     return replace(
         cfg, experiments=(exp,), doc=str(out_dir / "results.md"), img_dir=str(out_dir / "img")
     )
+
+
+# ----------------------------------------------------------------------------- results
+@dataclass
+class Variant:
+    """One quantized model: its allocation, order, sizes and accuracies."""
+
+    name: str
+    label: str
+    alloc: Allocation
+    order: str
+    summary: dict[str, float]
+    ptq_acc: float | None = None
+    history: list[EpochRecord] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def acc(self) -> float:
+        return self.history[-1].eval_acc if self.history else float("nan")
+
+
+@dataclass
+class ExperimentResult:
+    """Everything the report needs about one experiment."""
+
+    exp: Experiment
+    overrides: tuple[str, ...]
+    n_train: int
+    n_eval: int
+    n_hessian: int
+    fp_acc: float
+    fp_summary: dict[str, float]
+    baseline_history: list[EpochRecord]
+    sens: list[dict]
+    variants: list[Variant]
+    orders: list[Variant]
+    parts: dict[str, float]
+    qat: QATConfig
+    target: float
+    act_bits: int
+    pinned: set[str]
 
 
 # ----------------------------------------------------------------------------- stats

@@ -5,6 +5,7 @@ a name covers its descendants), optionally freezes the layers quantized in earli
 (``requires_grad = False``), then trains ``config.epochs`` epochs with SGD and a fresh
 optimizer, evaluating after each. Per-epoch LR within a stage (e = 0..E-1):
 cosine ``lr * (1 + cos(pi e / E)) / 2``; step ``lr * gamma^(e // step_size)``; constant ``lr``.
+``train_float`` runs the same loop on a float model (one stage that quantizes nothing).
 
 Loss: ``ce`` = cross-entropy; ``distill`` = ``alpha * T^2 * KL(p_t^T || p_s^T) +
 (1 - alpha) * CE`` against a frozen float teacher (by default a copy of ``model`` as passed).
@@ -48,6 +49,7 @@ __all__ = [
     "QATState",
     "evaluate",
     "run_qat",
+    "train_float",
 ]
 
 
@@ -265,6 +267,47 @@ def run_qat(
     stages = [list(s) for s in stages]
     if not stages or any(not s for s in stages):
         raise ValueError("stages must be a non-empty list of non-empty lists of module names")
+    return _train(
+        model, stages, train_data, eval_data, config,
+        bit_config=bit_config, state=state, teacher=teacher, on_epoch_end=on_epoch_end,
+    )  # fmt: skip
+
+
+def train_float(
+    model: nn.Module,
+    train_data: Data,
+    eval_data: Data | None,
+    config: QATConfig,
+    *,
+    state: QATState | None = None,
+    on_epoch_end: Callable[[EpochRecord, QATState], bool | None] | None = None,
+) -> list[EpochRecord]:
+    """Train a float ``model`` in place for ``config.epochs`` epochs: the QAT loop, unquantized.
+
+    One stage that quantizes nothing, so the LR schedule, data order, RNG handling, records and
+    bit-identical resume (``state``, ``on_epoch_end``) are exactly those of :func:`run_qat`.
+    """
+    if config.loss != "ce":
+        raise ValueError(f"float training has no teacher: loss must be 'ce', got {config.loss!r}")
+    return _train(
+        model, [[]], train_data, eval_data, config,
+        bit_config=None, state=state, teacher=None, on_epoch_end=on_epoch_end,
+    )  # fmt: skip
+
+
+def _train(
+    model: nn.Module,
+    stages: list[list[str]],
+    train_data: Data,
+    eval_data: Data | None,
+    config: QATConfig,
+    *,
+    bit_config: BitConfig | None,
+    state: QATState | None,
+    teacher: nn.Module | None,
+    on_epoch_end: Callable[[EpochRecord, QATState], bool | None] | None,
+) -> list[EpochRecord]:
+    """The loop of :func:`run_qat` / :func:`train_float` (``bit_config=None``: no quantization)."""
     if config.loss == "distill":
         teacher = copy.deepcopy(model) if teacher is None else teacher
         teacher.eval().requires_grad_(False)
@@ -273,7 +316,7 @@ def run_qat(
         "format": STATE_FORMAT,
         "stages": stages,
         "config": config.to_dict(),
-        "bit_config": bit_config.to_dict(),
+        "bit_config": None if bit_config is None else bit_config.to_dict(),
     }
     history: list[EpochRecord] = []
     stage0, epoch0, opt_state = 0, 0, None
@@ -284,7 +327,8 @@ def run_qat(
             stage0, epoch0, opt_state, history = _restore(model, state, base_meta, bit_config)
         for s in range(stage0, len(stages)):
             if opt_state is None:  # entering stage s afresh
-                quantize_(model, bit_config, modules=stages[s])
+                if bit_config is not None:
+                    quantize_(model, bit_config, modules=stages[s])
                 if config.freeze_quantized:
                     _freeze(model, _stage_modules(stages, s))
                 model.zero_grad(set_to_none=True)
@@ -361,7 +405,9 @@ def _train_epoch(model, opt, train_data, eval_data, cfg, teacher, dev, s, e, g) 
     )
 
 
-def _restore(model: nn.Module, state: QATState, base_meta: dict[str, Any], bit_config: BitConfig):
+def _restore(
+    model: nn.Module, state: QATState, base_meta: dict[str, Any], bit_config: BitConfig | None
+):
     meta = state.meta
     if meta.get("format") != STATE_FORMAT:
         raise ValueError(f"state format must be {STATE_FORMAT!r}, got {meta.get('format')!r}")
@@ -370,7 +416,8 @@ def _restore(model: nn.Module, state: QATState, base_meta: dict[str, Any], bit_c
             raise ValueError(f"state was saved with a different {key}: {meta[key]!r}")
     cfg = QATConfig.from_dict(meta["config"])
     stages, s, e = meta["stages"], int(meta["stage"]), int(meta["epoch"])
-    quantize_(model, bit_config, modules=_stage_modules(stages, s + 1))
+    if bit_config is not None:
+        quantize_(model, bit_config, modules=_stage_modules(stages, s + 1))
     if cfg.freeze_quantized:
         _freeze(model, _stage_modules(stages, s))
     sd = {k[len("model.") :]: v for k, v in state.tensors.items() if k.startswith("model.")}

@@ -15,12 +15,14 @@ import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 import yaml
+
+if TYPE_CHECKING:  # torch loads only with the safetensors helpers (slurm imports this module)
+    import torch
 
 TEMP_SUFFIX = ".tmp"
 RUN_DIR_MARKERS = ("manifest.parquet", "config.yaml")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -179,10 +178,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hawq`` console script."""
     args = _parser().parse_args(argv)
     _setup_logging(args.quiet, args.log_level)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from hawq.optional import MissingExtra
     from pipeline.atomic import StoreError
+    from pipeline.backends.ray import default_auth_mode
     from pipeline.config import ConfigError
+
+    default_auth_mode()  # before any Ray cluster is started or joined
 
     progress = not args.quiet and sys.stderr.isatty()
     t0 = time.perf_counter()

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.config_schema import DataConfig, ModelConfig
-from pipeline.config_types import ConfigError
+from pipeline.config.sections import DataConfig, ModelConfig
+from pipeline.config.strict import ConfigError
 from pipeline.data_sources import (
     Source,
     check_memory,

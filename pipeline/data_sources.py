@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from hawq.optional import require
-from pipeline.config_schema import DataConfig
-from pipeline.config_types import ConfigError
+from pipeline.config.sections import DataConfig
+from pipeline.config.strict import ConfigError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_FIX = "run 'apt-get install -y dataset-fashion-mnist' or set data.path to the idx files"

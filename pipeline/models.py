@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.config_schema import ModelConfig, RunConfig
-from pipeline.config_types import ConfigError
+from pipeline.config.sections import ModelConfig, RunConfig
+from pipeline.config.strict import ConfigError
 
 __all__ = [
     "MLP",

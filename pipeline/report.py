@@ -24,8 +24,6 @@ from pipeline.store import RunStore
 
 log = logging.getLogger(__name__)
 
-PLOTS = ("sensitivity.png", "bits.png", "pareto.png", "accuracy.png")
-
 
 def fmt(value: object) -> str:
     """Cell text: floats with 4 significant digits (trailing zeros kept, so a column reads

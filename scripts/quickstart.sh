@@ -4,7 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-export RAY_AUTH_MODE=disabled
 RUN_DIR=${RUN_DIR:-runs/quickstart}
 .venv/bin/hawq run configs/quickstart.yaml --run-dir "$RUN_DIR" "$@"
 .venv/bin/hawq report "$RUN_DIR"

@@ -182,7 +182,9 @@ class HawqRunJob(submitit.helpers.Checkpointable):
     def __call__(self) -> JobOutcome | None:
         if not logging.getLogger().handlers:  # the job's own process: show the pipeline's log
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # as the `hawq` CLI does
+        from pipeline.backends.ray import default_auth_mode  # deferred: imports torch
+
+        default_auth_mode()  # before this job's Ray nodes start, as the `hawq` CLI does
         env = submitit.JobEnvironment()
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
         log.info("%s: run dir %s (restart %d)", env, self.run_dir, restarts)

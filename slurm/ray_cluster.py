@@ -28,6 +28,8 @@ from typing import TypeVar
 
 import submitit
 
+from pipeline.atomic import atomic_write_text
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -321,9 +323,7 @@ class RayOnSlurm:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def _publish(self, address: str) -> None:
-        tmp = self.rendezvous / ".head_address.tmp"
-        tmp.write_text(address)
-        os.replace(tmp, self.address_file)
+        atomic_write_text(self.address_file, address)
 
     def serve_worker(self, poll_s: float = 0.5) -> None:
         """Rank > 0: join the head's cluster and stay until the driver writes the sentinel."""

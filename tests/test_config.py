@@ -17,16 +17,10 @@ from pipeline.config import (
     HessianSection,
     ModelConfig,
     RunConfig,
-    alloc_config,
     check_paths,
     config_from_dict,
-    config_to_dict,
     config_to_yaml,
-    hessian_config,
     load_config,
-    order_config,
-    qat_config,
-    save_config,
     section_dict,
 )
 
@@ -70,9 +64,9 @@ def test_every_shipped_config_loads_and_round_trips(tmp_path):
     }
     for path in CONFIGS:
         cfg = load_config(path)
-        assert config_from_dict(config_to_dict(cfg)) == cfg, path
+        assert config_from_dict(cfg.to_dict()) == cfg, path
         out = tmp_path / path.name
-        save_config(cfg, out)
+        out.write_text(config_to_yaml(cfg))
         assert load_config(out) == cfg, path
         assert str(ROOT.parent) not in path.read_text(), f"{path}: names a path of this machine"
 
@@ -273,7 +267,7 @@ def test_round_trip_and_section_dict():
     cfg = config_from_dict(
         with_("allocation", pin={"conv1": 8}, tie=[["a", "b"]], candidate_bits=[2, 3, 8])
     )
-    d = config_to_dict(cfg)
+    d = cfg.to_dict()
     assert d["allocation"]["tie"] == [["a", "b"]] and d["allocation"]["candidate_bits"] == [2, 3, 8]
     assert config_from_dict(d) == cfg
     assert config_from_dict(yaml.safe_load(config_to_yaml(cfg))) == cfg
@@ -306,22 +300,28 @@ def test_converters_match_hawq_configs():
             "run": {"seed": 7},
         }
     )
-    h = hessian_config(cfg)
+    h = cfg.hessian.to_hawq()
     assert isinstance(h, HessianConfig)
     shared = set(names(HessianConfig))
     assert shared == set(names(HessianSection)) - {"grouping", "patterns", "dtype"}
     assert {k: getattr(h, k) for k in shared} == {k: getattr(cfg.hessian, k) for k in shared}
-    a = alloc_config(cfg)
+    a = cfg.allocation.to_hawq()
     assert isinstance(a, AllocConfig)
     assert a.pins == {"conv1": 8} and a.ties == (("a", "b"),) and a.act_bits == 4
     assert a.compression == 13.0 and a.sensitivity == cfg.allocation.sensitivity
     assert a.bops_limit == 2.5e9  # the config is in GBOPs
-    q = qat_config(cfg)
+    q = cfg.finetune.to_hawq(seed=cfg.run.seed, eval_batch_size=cfg.data.batch_size)
     assert isinstance(q, QATConfig)
     assert (q.epochs, q.lr, q.loss, q.seed, q.eval_batch_size) == (3, 0.02, "distill", 7, 128)
-    o = order_config(cfg)
+    o = cfg.finetune.order_to_hawq(cfg.allocation, seed=cfg.run.seed)
     assert (o.mode, o.seed, o.blocks_per_stage) == ("reverse", 7, 1)
-    assert order_config(config_from_dict(BASE)).mode == "descending"
+    assert (o.sensitivity, o.per_channel) == (cfg.allocation.sensitivity, True)
+    base = config_from_dict(BASE)
+    assert base.finetune.order_to_hawq(base.allocation, seed=0).mode == "descending"
+    b = config_from_dict({**BASE, "baseline": {"train_epochs": 6, "lr": 0.05}}).baseline
+    t = b.to_hawq(seed=3, eval_batch_size=64)
+    assert isinstance(t, QATConfig)
+    assert (t.epochs, t.lr, t.step_size, t.seed, t.eval_batch_size) == (6, 0.05, 2, 3, 64)
 
 
 def test_check_paths(tmp_path):

@@ -52,7 +52,7 @@ def packages_in(names: list[str], prefix: str = "") -> set[str]:
 def clean_env() -> dict[str, str]:
     """The environment without this checkout on the path (the venv must use what it installed)."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    env.update(OMP_NUM_THREADS="1", RAY_AUTH_MODE="disabled")
+    env.update(OMP_NUM_THREADS="1")
     return env
 
 

@@ -8,11 +8,13 @@ from dataclasses import asdict
 
 import pytest
 import torch
+import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch import nn
 
-from hawq.qat import QATConfig, QATState, evaluate, run_qat
+from hawq.qat import QATConfig, QATState, evaluate, run_qat, train_float
 from hawq.quant import BitConfig, LayerBits, QuantConv2d, calibrate_, quantize_
+from hawq.quant.modules import quantized_modules
 from hawq.seeding import derive_seed
 
 torch.set_num_threads(1)
@@ -45,12 +47,59 @@ def digits():
 
 @pytest.fixture(scope="module")
 def float_model(digits):
-    """A float CNN trained for a few epochs (with the loop itself, all layers at 32 bits)."""
+    """A float CNN trained for a few epochs (with the loop itself, unquantized)."""
     torch.manual_seed(0)
     m = SmallCNN()
-    cfg = QATConfig(epochs=6, lr=0.05, batch_size=32, schedule="cosine", seed=1)
-    run_qat(m, [["conv1"]], digits[0], None, cfg, bit_config=BitConfig(weight_bits=32, act_bits=32))
+    train_float(m, digits[0], None, QATConfig(epochs=6, lr=0.05, batch_size=32, seed=1))
     return m
+
+
+def test_train_float_is_plain_sgd_in_the_loops_data_order(digits):
+    (x, y), _ = digits
+    x, y = x[:300], y[:300]
+    cfg = QATConfig(epochs=3, lr=0.05, batch_size=64, schedule="step", gamma=0.5, seed=4)
+    torch.manual_seed(0)
+    model = SmallCNN()
+    ref = copy.deepcopy(model)
+    recs = train_float(model, (x, y), None, cfg)
+    # ground truth: SGD written out, epoch e shuffled by derive_seed(seed, "qat-data", e)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    ref.train()
+    for e in range(3):
+        for group in opt.param_groups:
+            group["lr"] = 0.05 * 0.5**e
+        gen = torch.Generator().manual_seed(derive_seed(4, "qat-data", e))
+        perm = torch.randperm(len(y), generator=gen)
+        for i in range(0, len(y), 64):
+            j = perm[i : i + 64]
+            loss = F.cross_entropy(ref(x[j]), y[j])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    got, want = model.state_dict(), ref.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    assert [r.lr for r in recs] == [0.05, 0.025, 0.0125]
+    assert [r.n_quantized for r in recs] == [0, 0, 0] and not quantized_modules(model)
+
+
+def test_train_float_resumes_bit_identically_and_refuses_distill(digits):
+    (x, y), evald = digits
+    cfg = QATConfig(epochs=3, lr=0.05, batch_size=64, seed=2)
+    torch.manual_seed(0)
+    start = SmallCNN()
+    full, states = copy.deepcopy(start), {}
+
+    def keep(rec, st):
+        states[rec.global_epoch + 1] = st
+
+    full_recs = train_float(full, (x[:300], y[:300]), evald, cfg, on_epoch_end=keep)
+    resumed = copy.deepcopy(start)
+    res_recs = train_float(resumed, (x[:300], y[:300]), evald, cfg, state=states[1])
+    assert _strip(res_recs) == _strip(full_recs)
+    pairs = zip(full.state_dict().values(), resumed.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+    with pytest.raises(ValueError, match="loss must be 'ce'"):
+        train_float(SmallCNN(), (x, y), None, QATConfig(loss="distill"))
 
 
 def test_config_validation_names_the_field():

@@ -15,20 +15,20 @@ import sys
 from functools import partial
 
 import pytest
+import ray
 import torch
 import torch.nn.functional as F
+from ray.cluster_utils import Cluster
 from torch import nn
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+from hawq.blocks import partition_blocks
+from hawq.hessian.operator import HessianError
+from hawq.hessian.table import EIGEN_COLUMNS, HessianConfig, analyze
+from pipeline.backends.base import HessianJob
+from pipeline.backends.ray import RayBackendConfig, default_auth_mode
+from pipeline.backends.ray.backend import RayBackend
 
-import ray  # noqa: E402
-from ray.cluster_utils import Cluster  # noqa: E402
-
-from hawq.blocks import partition_blocks  # noqa: E402
-from hawq.hessian.operator import HessianError  # noqa: E402
-from hawq.hessian.table import EIGEN_COLUMNS, HessianConfig, analyze  # noqa: E402
-from pipeline.backends.base import HessianJob  # noqa: E402
-from pipeline.backends.ray import RayBackend, RayBackendConfig  # noqa: E402
+default_auth_mode()  # before the tests' ray.init / Cluster
 
 # Actor processes cannot import this test module: ship its functions by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])

@@ -130,7 +130,7 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path: Path, tmp_path_factory,
 
     # 5. inside export: the integer model's temp file is written but not yet renamed.
     _, err = _run_until_pause(["resume", str(killed)], "export:write:model_int.safetensors", marker)
-    assert "resuming after stage 2 epoch 1" in err
+    assert "resuming training after stage 2 epoch 1" in err
     tmps = temp_files(killed)
     assert len(tmps) == 1 and tmps[0].name.startswith(".model_int.safetensors.")
     text = _status(killed, capsys)

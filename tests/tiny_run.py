@@ -77,7 +77,7 @@ def hawq_cmd(*args: str) -> list[str]:
 def subprocess_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env.update({"OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled", **extra})
+    env.update({"OMP_NUM_THREADS": "1", **extra})
     return env
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import math
-import os
+from typing import TYPE_CHECKING
 
 from hawq.optional import require
 from pipeline.backends.base import HessianBackend, HessianJob
 from pipeline.backends.local import LocalBackend
-from pipeline.config import BackendSection
+
+if TYPE_CHECKING:
+    from pipeline.config import BackendSection
 
 __all__ = ["HessianBackend", "HessianJob", "LocalBackend", "make_backend"]
 
@@ -19,20 +20,7 @@ def make_backend(section: BackendSection, *, device: str = "cpu") -> HessianBack
         return LocalBackend(device)
     if section.kind == "ray":
         require("ray", feature="backend.kind: ray")
-        from pipeline.backends.ray import RayBackend
-        from pipeline.backends.ray_config import RayBackendConfig
+        from pipeline.backends.ray.backend import RayBackend
 
-        need = math.ceil(section.data_shards * section.block_groups * section.cpus_per_actor)
-        return RayBackend(
-            RayBackendConfig(
-                address=section.address,
-                data_shards=section.data_shards,
-                block_groups=section.block_groups,
-                cpus_per_actor=section.cpus_per_actor,
-                gpus_per_actor=section.gpus_per_actor,
-                memory_budget_mb=section.memory_budget_mb,
-                # a private local Ray gets enough logical CPUs for the actor grid
-                num_cpus=None if section.address else max(need, os.cpu_count() or 1),
-            )
-        )
+        return RayBackend(section.to_ray())
     raise ValueError(f"backend.kind must be 'local' or 'ray', got {section.kind!r}")

@@ -1,10 +1,9 @@
-"""Stages ``allocate`` (bits per block under the size/BOPs target) and ``order`` (Omega order).
+"""Stage ``allocate``: bits per block under the size/BOPs target (HAWQ v1 rule or ILP).
 
-``allocate`` writes ``bits.parquet`` (block, modules, n_params, bits, omega, sensitivity),
+Writes ``bits.parquet`` (block, modules, n_params, bits, omega, sensitivity),
 ``bit_config.yaml`` / ``bit_config.parquet`` (per-module bits), ``summary.parquet`` (size,
 compression, total Omega, BOPs) and, with ``allocation.pareto_points >= 2``, ``pareto.parquet``
-(the size/perturbation frontier). ``order`` writes ``order.parquet`` (stage, block, modules,
-omega) in fine-tuning order.
+(the size/perturbation frontier). :func:`check_feasibility` runs before any work (preflight).
 """
 
 from __future__ import annotations
@@ -14,20 +13,11 @@ import logging
 import pyarrow as pa
 from torch import nn
 
-from hawq.allocate import (
-    AllocConfig,
-    Problem,
-    allocate,
-    check_feasible,
-    pareto_frontier,
-    problem_from_model,
-)
-from hawq.order import finetune_order
-from hawq.quant import BitConfig
-from hawq.size import size_summary
+from hawq import AllocConfig, allocate, pareto_frontier, problem_from_model, size_summary
+from hawq.allocate import Problem, check_feasible
 from pipeline.atomic import atomic_write_text
-from pipeline.config import ConfigError, RunConfig, order_config, section_dict
-from pipeline.stages.base import Params, StageContext, flat
+from pipeline.config import ConfigError, RunConfig
+from pipeline.stages.base import Params, Stage, StageContext, flat
 
 log = logging.getLogger(__name__)
 
@@ -47,24 +37,7 @@ SUMMARY_SCHEMA = pa.schema(
 
 
 def params(cfg: RunConfig, fingerprint: str) -> Params:
-    return flat("allocation", section_dict(cfg, "allocation"))
-
-
-def order_params(cfg: RunConfig, fingerprint: str) -> Params:
-    f = cfg.finetune
-    return {
-        "finetune.order": f.order,
-        "finetune.blocks_per_stage": f.blocks_per_stage,
-        "run.seed": cfg.run.seed,
-    }
-
-
-def alloc_config(cfg: RunConfig) -> AllocConfig:
-    """``hawq.allocate.AllocConfig`` from the ``allocation`` section (GBOPs -> BOPs)."""
-    try:
-        return cfg.allocation.to_hawq()
-    except ValueError as exc:
-        raise ConfigError("allocation", str(exc)) from None
+    return flat("allocation", cfg.allocation.to_dict())
 
 
 def check_feasibility(cfg: RunConfig, model: nn.Module, blocks: list, example) -> None:
@@ -73,7 +46,7 @@ def check_feasibility(cfg: RunConfig, model: nn.Module, blocks: list, example) -
     Feasibility does not depend on the curvature, so unit sensitivities stand in for the
     Hessian results here.
     """
-    acfg = alloc_config(cfg)
+    acfg = cfg.allocation.to_hawq()
     records = [
         {"block": b.name, "modules": list(b.module_names), "n_params": b.n_params,
          "eigenvalue": 1.0, "trace": 1.0}
@@ -94,7 +67,7 @@ def check_feasibility(cfg: RunConfig, model: nn.Module, blocks: list, example) -
 def _problem(ctx: StageContext) -> tuple[nn.Module, pa.Table, AllocConfig, Problem]:
     model = ctx.float_model()
     table = ctx.read_table("hessian", "sensitivity.parquet")
-    acfg = alloc_config(ctx.cfg)
+    acfg = ctx.cfg.allocation.to_hawq()
     example = ctx.data.eval_x[:1].to(ctx.device)
     return model, table, acfg, problem_from_model(model, table, acfg, example_input=example)
 
@@ -131,18 +104,11 @@ def run(ctx: StageContext) -> None:
     )  # fmt: skip
 
 
-def load_bit_config(ctx: StageContext) -> BitConfig:
-    """The allocated bit config (from ``allocate/bit_config.yaml``)."""
-    path = ctx.store.stage_dir("allocate") / "bit_config.yaml"
-    return BitConfig.from_yaml(path.read_text())
-
-
-def run_order(ctx: StageContext) -> None:
-    """Order blocks by Omega at their assigned bits; group them into fine-tuning stages."""
-    model = ctx.float_model()
-    table = ctx.read_table("hessian", "sensitivity.parquet")
-    bits = ctx.read_table("allocate", "bits.parquet").to_pydict()
-    assigned = dict(zip(bits["block"], bits["bits"], strict=True))
-    order = finetune_order(model, table, assigned, order_config(ctx.cfg))
-    ctx.write_table("order.parquet", order.table)
-    log.info("fine-tuning order (%d stages): %s", len(order.stages), order.blocks)
+STAGE = Stage(
+    name="allocate",
+    deps=("hessian",),
+    params=params,
+    run=run,
+    outputs=("bits.parquet", "bit_config.yaml", "summary.parquet"),
+    summary="bits per block under the size target (+ Pareto frontier)",
+)

@@ -73,7 +73,7 @@ class StageContext:
         self.store.write_progress(self.stage, done, total, unit)
 
     def pause(self, point: str) -> None:
-        """Test hook ``<stage>:<point>`` (see :func:`pipeline.store.pause_point`)."""
+        """Test hook ``<stage>:<point>`` (see :func:`pipeline.atomic.pause_point`)."""
         pause_point(f"{self.stage}:{point}")
 
     # ---- upstream outputs
@@ -108,19 +108,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-EPOCH_SCHEMA = pa.schema(
-    [
-        ("phase", pa.string()),
-        ("stage", pa.int64()),
-        ("epoch", pa.int64()),
-        ("global_epoch", pa.int64()),
-        ("lr", pa.float64()),
-        ("train_loss", pa.float64()),
-        ("train_acc", pa.float64()),
-        ("eval_loss", pa.float64()),
-        ("eval_acc", pa.float64()),
-        ("n_quantized", pa.int64()),
-        ("seconds", pa.float64()),
-    ]
-)
-"""Per-epoch metrics of baseline training (phase ``baseline``) and QAT (phase ``finetune``)."""
+def no_params(cfg: RunConfig, fingerprint: str) -> Params:
+    """Stages with no settings of their own (their keys follow the upstream keys)."""
+    return {}

@@ -13,12 +13,12 @@ import logging
 import pyarrow as pa
 import torch
 
-from hawq.blocks import partition_blocks
-from hawq.hessian.table import EIGEN_COLUMNS, SENSITIVITY_SCHEMA
+from hawq import SENSITIVITY_SCHEMA, partition_blocks
+from hawq.hessian.table import EIGEN_COLUMNS
 from pipeline.backends.base import HessianJob
-from pipeline.config import RunConfig, hessian_config, section_dict
+from pipeline.config import RunConfig
 from pipeline.models import loss_fn_for, model_factory
-from pipeline.stages.base import Params, StageContext, flat
+from pipeline.stages.base import Params, Stage, StageContext, flat
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ EIGEN_SCHEMA = pa.schema([SENSITIVITY_SCHEMA.field(c) for c in EIGEN_COLUMNS])
 def params(cfg: RunConfig, fingerprint: str) -> Params:
     """The hessian section and the Hessian sample sizes (the backend does not change rows)."""
     return {
-        **flat("hessian", section_dict(cfg, "hessian")),
+        **flat("hessian", cfg.hessian.to_dict()),
         "data.hessian_samples": cfg.data.hessian_samples,
         "data.hessian_batch_size": cfg.data.hessian_batch_size,
     }
@@ -50,7 +50,7 @@ def make_job(ctx: StageContext) -> HessianJob:
         loss_fn=loss_fn_for(cfg),
         batches=[(x.to(dtype), y) for x, y in ctx.data.hessian],
         blocks=blocks,
-        config=hessian_config(cfg),
+        config=cfg.hessian.to_hawq(),
         dtype=dtype,
         metadata={"run": cfg.run.name, "stage_key": ctx.key},
     )
@@ -94,3 +94,13 @@ def run(ctx: StageContext) -> None:
     finally:
         backend.close()
     ctx.write_table("sensitivity.parquet", table.cast(SENSITIVITY_SCHEMA))
+
+
+STAGE = Stage(
+    name="hessian",
+    deps=("baseline",),
+    params=params,
+    run=run,
+    outputs=("sensitivity.parquet",),
+    summary="per-block top eigenvalue and trace of the Hessian",
+)

@@ -1,25 +1,23 @@
 """The run config: one frozen, kw-only dataclass per pipeline component.
 
-YAML is a strict serialization of :class:`RunConfig`; see ``pipeline.config`` for loading. Each
-section validates itself in ``__post_init__`` (via :class:`pipeline.config_types.Section`) and
-:class:`RunConfig` checks the rules that span sections (model vs data shapes, trace vs
-sensitivity, shards vs Hessian batches).
+YAML is a strict serialization of :class:`RunConfig`; see ``pipeline.config.loading`` for
+loading. Each section validates itself in ``__post_init__`` (via
+:class:`pipeline.config.strict.Section`) and :class:`RunConfig` checks the rules that span
+sections (model vs data shapes, trace vs sensitivity, shards vs Hessian batches). Each section
+that configures a hawq component converts itself with a typed method (``to_hawq`` and friends):
+the one place where pipeline settings become hawq configs.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-if TYPE_CHECKING:
-    import torch
-
-    from hawq.allocate import AllocConfig
-    from hawq.hessian.table import HessianConfig
-    from hawq.qat import QATConfig
-
-from pipeline.config_types import (
+from pipeline.config.strict import (
+    ConfigError,
     Section,
     check_bits,
     check_number,
@@ -28,13 +26,18 @@ from pipeline.config_types import (
     fail,
 )
 
+if TYPE_CHECKING:  # hawq (torch) and the Ray backend config load only when a section converts
+    from hawq import AllocConfig, HessianConfig, OrderConfig, QATConfig
+    from pipeline.backends.ray.config import RayBackendConfig
+
 BUILTIN_MODELS = ("cifar_resnet20", "cifar_resnet32", "cifar_resnet56", "mlp", "small_cnn")
-DATASETS = ("digits", "fashion_mnist", "cifar10", "imagefolder", "synthetic")
 # name -> (channels, native image size, classes) of the datasets whose shape is fixed.
 DATASET_SHAPES = {"digits": (1, 8, 10), "fashion_mnist": (1, 28, 10), "cifar10": (3, 32, 10)}
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _ADDRESS = re.compile(r"^[A-Za-z0-9_.-]+:(\d+)$")
+# finetune.order -> hawq.order.OrderConfig.mode
+ORDER_MODES = {"omega": "descending", "reverse": "reverse", "random": "random"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -189,19 +192,13 @@ class HessianSection(Section):
                 fail(f"patterns[{i}][0]", f"{pair[0]!r} is not a valid regex: {exc}")
 
     def to_hawq(self) -> HessianConfig:
-        """The ``hawq.hessian.table.HessianConfig`` of these settings."""
-        from hawq.hessian.table import HessianConfig
+        """The hawq ``HessianConfig`` of these settings (without the pipeline-side ones)."""
+        from hawq import HessianConfig
 
         d = self.to_dict()
         for key in ("grouping", "patterns", "dtype"):  # pipeline-side settings
             del d[key]
         return HessianConfig(**d)
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        import torch
-
-        return getattr(torch, self.dtype)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -248,8 +245,12 @@ class AllocationSection(Section):
         check_number("percentile", self.percentile, low=0, high=100, low_open=True)
 
     def to_hawq(self) -> AllocConfig:
-        """The ``hawq.allocate.AllocConfig`` (``pin`` -> ``pins``, ``tie`` -> ``ties``, BOPs)."""
-        from hawq.allocate import AllocConfig
+        """The hawq ``AllocConfig`` (``pin`` -> ``pins``, ``tie`` -> ``ties``, GBOPs -> BOPs).
+
+        A rule that only hawq checks (e.g. a pin outside ``candidate_bits``) raises a
+        :class:`ConfigError` at ``allocation``.
+        """
+        from hawq import AllocConfig
 
         d = self.to_dict()
         d["pins"], d["ties"] = d.pop("pin"), tuple(tuple(g) for g in d.pop("tie"))
@@ -257,7 +258,10 @@ class AllocationSection(Section):
         del d["pareto_points"]
         if d["bops_limit"] is not None:
             d["bops_limit"] *= 1e9  # GBOPs -> BOPs
-        return AllocConfig(**d)
+        try:
+            return AllocConfig(**d)
+        except ValueError as exc:
+            raise ConfigError("allocation", str(exc)) from None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -290,14 +294,27 @@ class FinetuneSection(Section):
         check_number("alpha", self.alpha, low=0, high=1)
 
     def to_hawq(self, *, seed: int, eval_batch_size: int) -> QATConfig:
-        """The ``hawq.qat.QATConfig`` (``epochs_per_stage`` -> ``epochs``)."""
-        from hawq.qat import QATConfig
+        """The hawq ``QATConfig`` (``epochs_per_stage`` -> ``epochs``; seed: ``run.seed``)."""
+        from hawq import QATConfig
 
         d = self.to_dict()
         d["epochs"] = max(1, d.pop("epochs_per_stage"))  # 0 runs no QAT at all
         for key in ("blocks_per_stage", "order"):
             del d[key]
         return QATConfig(**d, seed=seed, eval_batch_size=eval_batch_size)
+
+    def order_to_hawq(self, allocation: AllocationSection, *, seed: int) -> OrderConfig:
+        """The hawq ``OrderConfig`` of the fine-tuning order (Omega as the allocation sees it)."""
+        from hawq import OrderConfig
+
+        return OrderConfig(
+            mode=ORDER_MODES[self.order],
+            blocks_per_stage=self.blocks_per_stage,
+            seed=seed,
+            sensitivity=allocation.sensitivity,
+            per_channel=allocation.per_channel,
+            percentile=allocation.percentile,
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -317,6 +334,26 @@ class BaselineSection(Section):
             check_positive(key, getattr(self, key))
         check_positive("weight_decay", self.weight_decay, allow_zero=True)
         check_number("momentum", self.momentum, low=0, high=1, high_open=True)
+
+    def to_hawq(self, *, seed: int, eval_batch_size: int) -> QATConfig:
+        """The hawq ``QATConfig`` that ``hawq.qat.train_float`` trains the float model with.
+
+        ``train_epochs: 0`` trains nothing (the stage does not call it; ``epochs`` is then 1).
+        The ``step`` schedule divides the LR by 10 every third of the epochs.
+        """
+        from hawq import QATConfig
+
+        return QATConfig(
+            epochs=max(1, self.train_epochs),
+            lr=self.lr,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            batch_size=self.batch_size,
+            schedule=self.schedule,
+            step_size=max(1, self.train_epochs // 3),
+            seed=seed,
+            eval_batch_size=eval_batch_size,
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -341,6 +378,21 @@ class BackendSection(Section):
             m = _ADDRESS.match(self.address)
             if not m or not 0 < int(m.group(1)) < 65536:
                 fail("address", f"{self.address!r} must be 'host:port' (e.g. 10.0.0.1:6379)")
+
+    def to_ray(self) -> RayBackendConfig:
+        """The Ray backend's config; a private local Ray gets enough CPUs for the actor grid."""
+        from pipeline.backends.ray.config import RayBackendConfig
+
+        need = math.ceil(self.data_shards * self.block_groups * self.cpus_per_actor)
+        return RayBackendConfig(
+            address=self.address,
+            data_shards=self.data_shards,
+            block_groups=self.block_groups,
+            cpus_per_actor=self.cpus_per_actor,
+            gpus_per_actor=self.gpus_per_actor,
+            memory_budget_mb=self.memory_budget_mb,
+            num_cpus=None if self.address else max(need, os.cpu_count() or 1),
+        )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -22,42 +22,16 @@ from typing import Any
 
 import yaml
 
-from pipeline.config_schema import (
-    AllocationSection,
-    BackendSection,
-    BaselineSection,
-    DataConfig,
-    FinetuneSection,
-    HessianSection,
-    ModelConfig,
-    RunConfig,
-    RunSection,
-)
-from pipeline.config_types import ConfigError, Section, join_path
+from pipeline.config.sections import RunConfig
+from pipeline.config.strict import ConfigError, Section, join_path
 from pipeline.data_sources import FASHION_MNIST_DIR
 
 __all__ = [
-    "AllocationSection",
-    "alloc_config",
-    "hessian_config",
-    "qat_config",
-    "BackendSection",
-    "BaselineSection",
-    "ConfigError",
-    "DataConfig",
-    "FinetuneSection",
-    "HessianSection",
-    "ModelConfig",
-    "RunConfig",
-    "RunSection",
     "apply_overrides",
     "check_paths",
     "config_from_dict",
-    "config_to_dict",
     "config_to_yaml",
     "load_config",
-    "order_config",
-    "save_config",
     "section_dict",
 ]
 
@@ -185,11 +159,6 @@ def _unwrap_optional(tp: Any) -> Any:
     return tp
 
 
-def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
-    """Plain dict (lists, dicts, scalars); ``config_from_dict`` of it equals ``cfg``."""
-    return cfg.to_dict()
-
-
 def section_dict(cfg: RunConfig, name: str) -> dict[str, Any]:
     """One section as a plain dict, e.g. ``section_dict(cfg, "allocation")``."""
     fields = RunConfig.field_types()
@@ -200,15 +169,7 @@ def section_dict(cfg: RunConfig, name: str) -> dict[str, Any]:
 
 def config_to_yaml(cfg: RunConfig) -> str:
     """YAML text that ``load_config`` reads back to an equal config."""
-    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
-
-
-def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
-    """Write ``cfg`` as YAML (atomically: temp file in the same directory, then rename)."""
-    dest = Path(path)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    tmp.write_text(config_to_yaml(cfg))
-    os.replace(tmp, dest)
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=False)
 
 
 def check_paths(cfg: RunConfig, *, source: str | None = None) -> None:
@@ -228,33 +189,3 @@ def check_paths(cfg: RunConfig, *, source: str | None = None) -> None:
         fix = "run 'apt-get install -y dataset-fashion-mnist' or set data.path to the idx files"
     if data_path is not None and not os.path.exists(data_path):
         raise ConfigError("data.path", f"{data_path!r} does not exist; {fix}", file=source)
-
-
-def hessian_config(cfg: RunConfig) -> Any:
-    """``hawq.hessian.table.HessianConfig`` of ``cfg.hessian``."""
-    return cfg.hessian.to_hawq()
-
-
-def alloc_config(cfg: RunConfig) -> Any:
-    """``hawq.allocate.AllocConfig`` of ``cfg.allocation``."""
-    return cfg.allocation.to_hawq()
-
-
-def qat_config(cfg: RunConfig) -> Any:
-    """``hawq.qat.QATConfig`` of ``cfg.finetune`` (seed: run.seed; eval batch: data.batch_size)."""
-    return cfg.finetune.to_hawq(seed=cfg.run.seed, eval_batch_size=cfg.data.batch_size)
-
-
-def order_config(cfg: RunConfig) -> Any:
-    """``hawq.order.OrderConfig`` for the fine-tuning order (finetune + allocation + run seed)."""
-    from hawq.order import OrderConfig
-
-    mode = {"omega": "descending", "reverse": "reverse", "random": "random"}[cfg.finetune.order]
-    return OrderConfig(
-        mode=mode,
-        blocks_per_stage=cfg.finetune.blocks_per_stage,
-        seed=cfg.run.seed,
-        sensitivity=cfg.allocation.sensitivity,
-        per_channel=cfg.allocation.per_channel,
-        percentile=cfg.allocation.percentile,
-    )

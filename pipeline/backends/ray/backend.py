@@ -41,8 +41,9 @@ import ray
 from hawq.hessian.table import eigen_row, resumed_row, sensitivity_table, trace_columns
 from hawq.optional import progress_bar
 from pipeline.backends.base import HessianJob, RowCallback
-from pipeline.backends.ray_actors import FATAL_ERRORS, HessianWorker
-from pipeline.backends.ray_config import RayBackendConfig
+from pipeline.backends.ray import default_auth_mode
+from pipeline.backends.ray.actors import FATAL_ERRORS, HessianWorker
+from pipeline.backends.ray.config import RayBackendConfig
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ class RayBackend:
                 logger.info("Ray is already initialised: ignoring address %r", cfg.address)
             return
         if cfg.address is None:
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            default_auth_mode()
             ray.init(
                 address="local",
                 num_cpus=(os.cpu_count() or 1) if cfg.num_cpus is None else cfg.num_cpus,
