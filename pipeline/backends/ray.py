@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from hawq.sensitivity import SENSITIVITY_SCHEMA, TRACE_COLUMNS, _resumed_row
 from hawq.trace import hutchinson
+from pipeline.atomic import pause_point
 from pipeline.backends.base import HessianJob, RowCallback
 from pipeline.backends.ray_actors import FATAL_ERRORS, HessianWorker
 from pipeline.backends.ray_config import RayBackendConfig
@@ -330,6 +331,7 @@ class RayBackend:
             self._step()
         self.stats["probes_used"] = p + 1
         self._bar.update(1)
+        pause_point(f"hessian:probe:{p + 1}")  # test hook: p + 1 probes consumed
         return self._samples.pop(p)
 
     # ------------------------------------------------------------------ public API
