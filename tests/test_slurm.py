@@ -136,7 +136,7 @@ def test_make_job_validates_inputs(tmp_path):
     two = SlurmLaunchConfig(nodes=2)
     with pytest.raises(ValueError, match="sets the Ray backend itself"):
         make_job(QUICKSTART, tmp_path / "run", ["backend.address=1.2.3.4:6379"], two)
-    job = make_job(QUICKSTART, "rel/run", ["seed=1"])
+    job = make_job(QUICKSTART, "rel/run", ["run.seed=1"])
     assert Path(job.run_dir).is_absolute() and Path(job.config_path) == QUICKSTART
 
 
