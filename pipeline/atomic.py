@@ -36,8 +36,10 @@ def pause_point(point: str) -> None:
 
     If ``$HAWQ_TEST_PAUSE_AT`` matches ``point`` (``fnmatch`` pattern, e.g. ``hessian:block:1``
     or ``export:write:*``), write ``point`` to ``$HAWQ_TEST_PAUSE_FILE`` and sleep until killed.
-    Points: ``<stage>:start``, ``<stage>:done`` (after the manifest row), ``baseline:epoch:<n>``,
-    ``hessian:block:<n>``, ``finetune:epoch:<n>`` (after the state is saved) and
+    Points: ``<stage>:start``, ``<stage>:written`` (outputs written, manifest row not yet
+    done), ``<stage>:done`` (after the manifest row), ``baseline:epoch:<n>``,
+    ``hessian:block:<n>``, ``hessian:probe:<n>`` (Ray backend: ``n`` Hutchinson probes
+    consumed), ``evaluate:ptq``, ``finetune:epoch:<n>`` (after the state is saved) and
     ``<folder>:write:<file>`` (the temp file written, not yet renamed; ``<folder>`` is the
     file's parent folder, i.e. the stage name for a stage's own files). Unset in normal use.
     """

@@ -245,6 +245,14 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise ConfigError(
             "model.checkpoint", f"{file!r} is not a state dict: {bad[:3]} are not tensors"
         )
+    nonfinite = [k for k, v in obj.items() if v.is_floating_point() and not v.isfinite().all()]
+    if nonfinite:
+        raise ConfigError(
+            "model.checkpoint",
+            f"{file!r}: tensor {nonfinite[0]!r} holds NaN or Inf"
+            f"{f' (and {len(nonfinite) - 1} more)' if len(nonfinite) > 1 else ''}; "
+            "use a checkpoint with finite weights",
+        )
     return {str(k).removeprefix("module."): v for k, v in obj.items()}
 
 

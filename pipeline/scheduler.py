@@ -276,6 +276,7 @@ def execute(
             )
             t0 = time.perf_counter()
             st.run(ctx)
+            pause_point(f"{p.stage}:written")  # outputs on disk, manifest row not yet done
             store.mark_done(p.stage, p.key)
             outcome.seconds[p.stage] = time.perf_counter() - t0
             log.info(

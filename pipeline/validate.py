@@ -124,10 +124,12 @@ def preflight(cfg: RunConfig, data: DataBundle, device: torch.device) -> None:
             "model.num_classes",
             f"the model outputs {out.shape[-1]} classes but data has {data.num_classes}",
         )
-    try:
-        blocks = partition_blocks(model, grouping=cfg.hessian.grouping)
+    patterns = [tuple(p) for p in cfg.hessian.patterns] or None
+    try:  # the same blocks the hessian stage will use
+        blocks = partition_blocks(model, grouping=cfg.hessian.grouping, patterns=patterns)
     except ValueError as exc:
-        raise ConfigError("hessian.grouping", str(exc)) from None
+        key = "hessian.patterns" if patterns else "hessian.grouping"
+        raise ConfigError(key, str(exc)) from None
     if not blocks:
         raise ConfigError("model", f"{cfg.model.name} has no Conv/Linear layers to quantize")
     check_feasibility(cfg, model, blocks, example[:1])

@@ -286,12 +286,29 @@ def make_job(
     config = Path(config_path).expanduser().absolute()
     if not config.is_file() and not run.is_dir():
         raise LaunchError(f"config {config} does not exist (and there is no run dir {run})")
+    check_run_inputs(config, run, overrides)
     return HawqRunJob(
         config_path=str(config),
         run_dir=str(run),
         overrides=overrides,
         requeue=cfg.requeue,
     )
+
+
+def check_run_inputs(config_path: Path, run_dir: Path, overrides: Sequence[str]) -> None:
+    """The checks ``hawq run`` makes first (keys, values, run dir, checkpoint and data paths).
+
+    Raises ``ConfigError``/``StoreError`` (both ``ValueError``), so a bad config fails here,
+    before anything reaches sbatch. The config is the run dir's own when it holds a run.
+    """
+    from pipeline.config import check_paths, load_config  # deferred: imports torch
+    from pipeline.store import RunStore
+    from pipeline.validate import check_run_dir
+
+    store = RunStore(run_dir)
+    cfg = load_config(store.config_path if store.exists() else config_path, overrides)
+    check_run_dir(run_dir)
+    check_paths(cfg)
 
 
 def submit_run(

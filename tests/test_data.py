@@ -10,16 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from shared_data import CIFAR10, needs
 
 from pipeline.config import ConfigError, DataConfig, ModelConfig
 from pipeline.data import IMAGENET_MEAN, IMAGENET_STD, check_model_fits, load_data, read_idx
 
 ROOT = Path(__file__).resolve().parents[1]
-NPZ = ROOT.parent / "shared" / "data" / "cifar10" / "cifar10_subset.npz"
+NPZ = CIFAR10 / "cifar10_subset.npz"
 FASHION = Path("/usr/share/datasets/fashion-mnist")
-needs_npz = pytest.mark.skipif(
-    not NPZ.is_file(), reason=f"shared CIFAR-10 subset not found at {NPZ} (shared/data/README.md)"
-)
+needs_npz = needs("cifar10_subset.npz")
 
 
 def write_idx(path: Path, array: np.ndarray, code: int, gz: bool) -> None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from shared_data import CIFAR10, needs
 
 from hawq.models import cifar_resnet
 from pipeline.config import ConfigError, DataConfig, ModelConfig
@@ -24,11 +25,7 @@ from pipeline.models import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data" / "cifar10"
-needs_shared = pytest.mark.skipif(
-    not (SHARED / "cifar10_subset.npz").is_file(),
-    reason=f"shared CIFAR-10 data not found at {SHARED} (see shared/data/README.md)",
-)
+SHARED = CIFAR10
 
 
 def same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -137,7 +134,7 @@ def test_bad_checkpoints_name_the_file(tmp_path):
         )
 
 
-@needs_shared
+@needs("cifar10_subset.npz", "resnet20-12fca82f.th")
 def test_pretrained_resnet20_accuracy():
     """README: the pretrained ResNet-20 scores about 91.6% on the 932 test images."""
     data = load_data(

@@ -20,9 +20,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import cloudpickle
+import pyarrow.parquet as pq
 import pytest
 import submitit
+from tiny_run import assert_same_outputs
 
+from pipeline.config import load_config
+from pipeline.scheduler import run
 from pipeline.store import RunStore
 from slurm import cli
 from slurm.launch import (
@@ -136,7 +140,7 @@ def test_make_job_validates_inputs(tmp_path):
     two = SlurmLaunchConfig(nodes=2)
     with pytest.raises(ValueError, match="sets the Ray backend itself"):
         make_job(QUICKSTART, tmp_path / "run", ["backend.address=1.2.3.4:6379"], two)
-    job = make_job(QUICKSTART, "rel/run", ["seed=1"])
+    job = make_job(QUICKSTART, "rel/run", ["run.seed=1"])
     assert Path(job.run_dir).is_absolute() and Path(job.config_path) == QUICKSTART
 
 
@@ -333,12 +337,22 @@ def test_slurm_job_requeued_by_usr2_resumes_the_run(slurm_cluster, tmp_path, mon
     assert actions["finetune"] == "resume"
     assert (run_dir / "stages" / "export" / "model_int.safetensors").exists()
     assert "checkpoint: requeueing" in job.stderr()
+    # bit for bit what an uninterrupted run of the same config writes (wall-clock aside)
+    clean = tmp_path / "clean"
+    monkeypatch.delenv("HAWQ_TEST_PAUSE_AT")  # this process must not pause
+    run(load_config(QUICKSTART, TINY_LOCAL), clean, progress=False)
+    assert assert_same_outputs(clean, run_dir) >= 20
 
 
 def test_two_node_ray_cluster_runs_the_pipeline(slurm_cluster, tmp_path):
     """sbatch -N2: rank 0 heads Ray and drives the pipeline on 2 nodes; rank 1 exits after."""
     run_dir = tmp_path / "run"
-    overrides = (*TINY, "backend.data_shards=2", "data.hessian_samples=256")
+    overrides = (
+        *TINY,
+        "backend.data_shards=2",
+        "data.hessian_samples=256",
+        "hessian.dtype=float64",
+    )
     cfg = _slurm_cfg(tmp_path, nodes=2, cpus_per_task=2, mem_gb=2)
     job = submit_run(QUICKSTART, run_dir, overrides, cfg)
     head, worker = job.results()
@@ -356,3 +370,31 @@ def test_two_node_ray_cluster_runs_the_pipeline(slurm_cluster, tmp_path):
         ["pgrep", "-f", f"hawq-ray-{job.job_id}-"], capture_output=True, text=True
     ).stdout.split()
     assert not leftovers, f"Ray processes of job {job.job_id} survived: {leftovers}"
+    # the Hessian rows equal a single-process run's (same baseline: same seed, one thread)
+    local = tmp_path / "local"
+    run(load_config(QUICKSTART, [*overrides, "backend.kind=local"]), local, until="hessian")
+    got, want = (
+        pq.read_table(d / "stages" / "hessian" / "sensitivity.parquet").to_pylist()
+        for d in (run_dir, local)
+    )
+    assert (
+        [r["block"] for r in got] == [r["block"] for r in want] == ["conv1", "conv2", "fc1", "fc2"]
+    )
+    for g, w in zip(got, want, strict=True):
+        for col in ("modules", "n_params", "hvps", "converged", "trace_probes", "seed"):
+            assert g[col] == w[col], (g["block"], col)
+        for col in ("eigenvalue", "residual", "trace", "trace_stderr"):
+            assert g[col] == pytest.approx(w[col], rel=1e-8), (g["block"], col)
+
+
+def test_invalid_config_submits_nothing_to_slurm(slurm_cluster, tmp_path, capsys):
+    """A config error stops `hawq-slurm submit` before sbatch: no job, no job folder."""
+    before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
+    folder = tmp_path / "jobs"
+    argv = ["submit", str(QUICKSTART), "--run-dir", str(tmp_path / "run")]
+    argv += ["--set", "allocation.compresion=8", "--folder", str(folder / "%j")]
+    assert cli.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "allocation.compresion: unknown key" in err
+    after = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
+    assert after == before and not folder.exists()

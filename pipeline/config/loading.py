@@ -72,7 +72,14 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> RunCo
     if not os.path.isfile(file):
         raise ConfigError("", "config file not found; check the path", file=file)
     try:
-        raw = _parse_yaml(Path(file).read_text())
+        raw = _parse_yaml(Path(file).read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            "", f"not a text file (byte {exc.start} is not UTF-8); pass a YAML config", file=file
+        ) from None
+    except OSError as exc:
+        msg = f"cannot be read ({exc.strerror or exc}); check the file"
+        raise ConfigError("", msg, file=file) from None
     except ConfigError as exc:
         raise exc.in_file(file) from None
     if raw is None:

@@ -58,6 +58,7 @@ def run(ctx: StageContext) -> None:
     rows.append(("float", -1, "", fl, fa, q_size["float_size_mb"], 1.0))
     pl, pa_ = _ptq(ctx)
     rows.append(("ptq", -1, "all", pl, pa_, q_size["size_mb"], q_size["weight_compression"]))
+    ctx.pause("ptq")  # test hook: mid-evaluation, nothing written yet
     order = ctx.read_table("order", "order.parquet").to_pydict()
     epochs = ctx.read_table("finetune", "epochs.parquet").to_pylist()
     last = {}

@@ -74,6 +74,7 @@ class HessianWorker:
         self._job: HessianJob | None = None
         self._blocks: dict = {}
         self._dims: dict[str, int] = {}
+        self._shard_size = 0
 
     # ------------------------------------------------------------------ group management
     def ping(self) -> dict:
@@ -169,7 +170,12 @@ class HessianWorker:
         self._job = job
         self._blocks = {b.name: b for b in job.blocks}
         self._dims = {b.name: self._op.dim(b.name) for b in job.blocks}
-        return {"n_samples": self._op.n_samples, "local_samples": sum(len(y) for _, y in shard)}
+        self._shard_size = sum(x.shape[0] for x, _ in batches)
+        return {"n_samples": self._op.n_samples, "local_samples": self._shard_size}
+
+    def shard_size(self) -> int:
+        """Samples of the data shard this worker holds (0 before ``load``)."""
+        return self._shard_size
 
     def eigen(self, gen: int, block: str) -> dict:
         """The computed eigen columns of ``block`` (``EIGEN_RESULT_COLUMNS``): scalars only."""

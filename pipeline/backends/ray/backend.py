@@ -40,6 +40,7 @@ import ray
 
 from hawq.hessian.table import eigen_row, resumed_row, sensitivity_table, trace_columns
 from hawq.optional import progress_bar
+from pipeline.atomic import pause_point
 from pipeline.backends.base import HessianJob, RowCallback
 from pipeline.backends.ray import default_auth_mode
 from pipeline.backends.ray.actors import FATAL_ERRORS, HessianWorker
@@ -326,6 +327,7 @@ class RayBackend:
             self._step()
         self.stats["probes_used"] = p + 1
         self._bar.update(1)
+        pause_point(f"hessian:probe:{p + 1}")  # test hook: p + 1 probes consumed
         return self._samples.pop(p)
 
     # ------------------------------------------------------------------ public API
