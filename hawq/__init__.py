@@ -14,6 +14,7 @@ from hawq.allocate import (
     to_bit_config,
 )
 from hawq.blocks import Block, derive_seed, partition_blocks
+from hawq.deploy import export_onnx, load_quantized
 from hawq.eigen import EigenResult, lanczos, power_iteration, top_k
 from hawq.hvp import HessianError, HessianOperator
 from hawq.order import FineTuneOrder, OrderConfig, finetune_order, omega_matrix
@@ -50,10 +51,12 @@ __all__ = [
     "derive_seed",
     "evaluate",
     "export_integer",
+    "export_onnx",
     "finetune_order",
     "hutchinson",
     "lanczos",
     "layer_costs",
+    "load_quantized",
     "model_size_mb",
     "omega_matrix",
     "pareto_frontier",

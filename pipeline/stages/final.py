@@ -15,10 +15,10 @@ import logging
 import math
 
 import pyarrow as pa
-import torch
 
+from hawq.deploy import integer_state_dict
 from hawq.qat import evaluate
-from hawq.quant_modules import calibrate_, export_integer, quantize_, quantized_modules
+from hawq.quant_modules import calibrate_, quantize_, quantized_modules
 from hawq.size import size_summary
 from pipeline.atomic import atomic_write_text
 from pipeline.config import RunConfig
@@ -99,23 +99,11 @@ def run_evaluate(ctx: StageContext) -> None:
     )  # fmt: skip
 
 
-def export_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Integer codes + scales of quantized layers and every other floating-point tensor."""
-    out = export_integer(model)
-    qm = quantized_modules(model)
-    skip = {f"{n}.weight" for n, m in qm.items() if f"{n}.weight_int" in out}
-    for name, t in model.state_dict().items():
-        if name in skip or ".input_quant." in name or not t.is_floating_point():
-            continue
-        out[name] = t.detach().float()
-    return out
-
-
 def run_export(ctx: StageContext) -> None:
     """Write the integer model, its bit config and a per-layer table."""
     model = quantized_model(ctx)
     bit_config = load_bit_config(ctx)
-    tensors = export_tensors(model)
+    tensors = integer_state_dict(model)  # codes + scales + other float tensors
     meta = {"format": EXPORT_FORMAT, "bit_config": json.dumps(bit_config.to_dict())}
     ctx.write_tensors("model_int.safetensors", tensors, **meta)
     atomic_write_text(ctx.path("bit_config.yaml"), bit_config.to_yaml())
