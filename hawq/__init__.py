@@ -17,6 +17,7 @@ from hawq.allocate import (
     to_bit_config,
 )
 from hawq.blocks import Block, partition_blocks
+from hawq.deploy import export_onnx, load_quantized
 from hawq.hessian.eigen import EigenResult, lanczos, power_iteration, top_k
 from hawq.hessian.operator import HessianError, HessianOperator
 from hawq.hessian.table import SENSITIVITY_SCHEMA, HessianConfig, analyze
@@ -58,10 +59,12 @@ __all__ = [
     "derive_seed",
     "evaluate",
     "export_integer",
+    "export_onnx",
     "finetune_order",
     "hutchinson",
     "lanczos",
     "layer_costs",
+    "load_quantized",
     "model_size_mb",
     "omega_matrix",
     "pareto_frontier",

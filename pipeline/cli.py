@@ -98,9 +98,12 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("run_dir")
     r.add_argument("--out", help="folder for the PNGs (default: RUN_DIR/report)")
 
-    r = command("export", "finish the run through export; copy the integer model")
+    r = command("export", "export a finished run (safetensors or ONNX)")
     r.add_argument("run_dir")
-    r.add_argument("--out", help="folder to copy the exported files to")
+    r.add_argument("--out", help="folder for the exported files (onnx default: RUN_DIR/deploy)")
+    r.add_argument("--format", default="safetensors", help="safetensors (default) or onnx")
+    r.add_argument("--finish", action="store_true", help="first run the stages not yet done")
+    r.add_argument("--check", action="store_true", help="onnx: compare with PyTorch on eval data")
     return p
 
 
@@ -151,15 +154,32 @@ def _cmd_status(run_dir: str) -> None:
     print(f"next: {nxt}" if nxt else "\nall stages done")
 
 
-def _cmd_export(run_dir: str, out: str | None, progress: bool) -> None:
+def _cmd_export(args: argparse.Namespace, progress: bool) -> None:
     from pipeline.atomic import atomic_write_bytes, read_parquet
+    from pipeline.export_formats import (
+        ExportError,
+        check_format,
+        print_onnx_export,
+        require_finished,
+    )
     from pipeline.report import format_table
-    from pipeline.scheduler import resume
+    from pipeline.scheduler import load_run_config, resume
     from pipeline.store import RunStore
 
-    if out is not None and Path(out).exists() and not Path(out).is_dir():
-        raise _BadArgs(f"--out {out} is a file. Fix: pass a folder.")
-    resume(run_dir, progress=progress, until="export")
+    run_dir, out = args.run_dir, args.out
+    try:
+        check_format(args.format)
+        if out is not None and Path(out).exists() and not Path(out).is_dir():
+            raise _BadArgs(f"--out {out} is a file. Fix: pass a folder.")
+        load_run_config(run_dir)  # a clear error for a wrong path
+        if args.finish:
+            resume(run_dir, progress=progress, until="export")
+        require_finished(run_dir)
+        if args.format == "onnx":
+            print_onnx_export(run_dir, out, check=args.check)
+            return
+    except ExportError as exc:
+        raise _BadArgs(str(exc)) from None
     store = RunStore(Path(run_dir))
     files = sorted(p for p in store.stage_files("export") if p.name != "progress.json")
     layers = read_parquet(store.stage_dir("export") / "layers.parquet").to_pylist()
@@ -210,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             load_run_config(args.run_dir)  # a clear error for a wrong path
             print(report(args.run_dir, args.out))
         elif args.command == "export":
-            _cmd_export(args.run_dir, args.out, progress)
+            _cmd_export(args, progress)
     except (ConfigError, StoreError, _BadArgs, MissingExtra) as exc:
         print(f"hawq: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

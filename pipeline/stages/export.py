@@ -1,7 +1,7 @@
 """Stage ``export``: the fine-tuned model as integer weights + scales, its bit config, a table.
 
-Writes ``model_int.safetensors`` (``hawq.quant.export_integer`` codes and scales, plus the
-remaining float tensors: biases, BatchNorm; metadata: format and bit config),
+Writes ``model_int.safetensors`` (``hawq.deploy.integer_state_dict``: integer codes and scales,
+plus the remaining float tensors: biases, BatchNorm; metadata: format and bit config),
 ``bit_config.yaml`` and ``layers.parquet`` (bits and bytes per quantized layer).
 """
 
@@ -12,9 +12,8 @@ import logging
 import math
 
 import pyarrow as pa
-import torch
 
-from hawq import export_integer
+from hawq.deploy import integer_state_dict
 from hawq.quant.modules import quantized_modules
 from pipeline.atomic import atomic_write_text
 from pipeline.stages.artifacts import load_bit_config, quantized_model
@@ -34,23 +33,11 @@ LAYERS_SCHEMA = pa.schema(
 )
 
 
-def export_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Integer codes + scales of quantized layers and every other floating-point tensor."""
-    out = export_integer(model)
-    qm = quantized_modules(model)
-    skip = {f"{n}.weight" for n, m in qm.items() if f"{n}.weight_int" in out}
-    for name, t in model.state_dict().items():
-        if name in skip or ".input_quant." in name or not t.is_floating_point():
-            continue
-        out[name] = t.detach().float()
-    return out
-
-
 def run(ctx: StageContext) -> None:
     """Write the integer model, its bit config and a per-layer table."""
     model = quantized_model(ctx)
     bit_config = load_bit_config(ctx)
-    tensors = export_tensors(model)
+    tensors = integer_state_dict(model)  # codes + scales + other float tensors
     meta = {"format": EXPORT_FORMAT, "bit_config": json.dumps(bit_config.to_dict())}
     ctx.write_tensors("model_int.safetensors", tensors, **meta)
     atomic_write_text(ctx.path("bit_config.yaml"), bit_config.to_yaml())
