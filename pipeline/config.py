@@ -257,4 +257,6 @@ def order_config(cfg: RunConfig) -> Any:
         sensitivity=cfg.allocation.sensitivity,
         per_channel=cfg.allocation.per_channel,
         percentile=cfg.allocation.percentile,
+        clip_bits=cfg.allocation.clip_bits,
+        mse_clip=cfg.allocation.mse_clip,
     )
