@@ -137,9 +137,28 @@ class _QuantMixin:
         }
 
     def quantized_weight(self) -> torch.Tensor:
-        return quantize_weight(
-            self.weight, self.weight_bits, per_channel=self.per_channel, **self.clip_options
+        """``quantize_weight`` of the weight; without autograd (evaluation) the result is
+        cached until the weight changes (its version counter), the bits or the options."""
+        if torch.is_grad_enabled():
+            self._wq_cache = None
+            return quantize_weight(
+                self.weight, self.weight_bits, per_channel=self.per_channel, **self.clip_options
+            )
+        w = self.weight
+        key = (
+            w.data_ptr(),
+            w._version,
+            self.weight_bits,
+            self.per_channel,
+            *self.clip_options.values(),
         )
+        cache = getattr(self, "_wq_cache", None)
+        if cache is None or cache[0] != key:
+            q = quantize_weight(
+                w, self.weight_bits, per_channel=self.per_channel, **self.clip_options
+            )
+            self._wq_cache = cache = (key, q)
+        return cache[1]
 
     def extra_repr(self) -> str:
         p = f", percentile={self.percentile}" if self.percentile is not None else ""

@@ -105,14 +105,12 @@ def mse_clip_ratios(
     qmax = 2 ** (bits - 1) - 1
     a = _rows(w.detach(), per_channel)
     m = a.abs().amax(dim=-1)
-    a64 = a.to(torch.float64)
-    errs = []
-    for c in grid:
-        r = m * c
-        s = torch.where(r > 0, r / qmax, torch.ones_like(r))[:, None]
-        q = torch.clamp(torch.round(a / s), -qmax, qmax) * s
-        errs.append(((q.to(torch.float64) - a64) ** 2).sum(dim=-1))
-    best = torch.argmin(torch.stack(errs), dim=0)  # first minimum: the larger ratio
+    c = torch.tensor(grid, dtype=a.dtype, device=a.device)[:, None]  # (G, 1)
+    r = m[None, :] * c  # (G, C): the same float products as max|w| * ratio in clip_range
+    s = torch.where(r > 0, r / qmax, torch.ones_like(r))[..., None]  # (G, C, 1)
+    q = torch.clamp(torch.round(a[None] / s), -qmax, qmax) * s  # all grid points at once
+    err = ((q.to(torch.float64) - a.to(torch.float64)[None]) ** 2).sum(dim=-1)  # (G, C)
+    best = torch.argmin(err, dim=0)  # first minimum: the larger ratio
     ratios = torch.tensor(grid, dtype=w.dtype, device=w.device)[best]
     return ratios if per_channel and w.dim() > 1 else ratios.reshape(())
 
