@@ -181,36 +181,44 @@ def allocations(
     return out
 
 
-def study_ptq(s: Setup) -> dict:
-    """Every allocation quantized at once (no training): accuracy per test image."""
-    rows = []
+def study_ptq(s: Setup, res: dict) -> None:
+    """Every allocation quantized at once (no training): accuracy per test image. The ILP
+    family comes first; rows are saved one by one and a rerun skips those already done."""
     sens0 = s.acfg.sensitivity
     todo = []
-    for solver in ("v1", "ilp"):
-        for sens in ("eigenvalue", "trace"):
+    for solver in ("ilp", "v1"):
+        for sens in (sens0, *({"eigenvalue", "trace"} - {sens0})):
             n_rand = s.exp.ptq_random if sens == sens0 else 0  # random ranks ignore S
             todo += [(n, k, solver, sens, a) for n, k, a in allocations(s, solver, sens, n_rand)]
     for b in (4, 2):
-        todo.append((f"uniform-{b}", "uniform", "-", "-", uniform(s.problems[sens0], s.acfg, b)))
+        todo.insert(2, (f"uniform-{b}", "uniform", "-", "-", uniform(s.problems[sens0], s.acfg, b)))
+    rows = res.setdefault("ptq", {"rows": []})["rows"]
+    done = {r["name"] for r in rows}
     for i, (name, kind, solver, sens, alloc) in enumerate(todo):
+        if name in done:
+            continue
         c = correctness(ptq_model(s.model, alloc.bit_config, s.data), s.data, s.bs)
         rows.append(s.record(name, kind, solver, sens, alloc, c))
+        save(s, res)
         log(
             f"  PTQ {i + 1}/{len(todo)} {name}: {rows[-1]['weight_compression']:.2f}x "
             f"acc {100 * rows[-1]['acc']:.2f}%"
         )
-    w4a4 = BitConfig(weight_bits=4, act_bits=4)  # everything at W4/A4, input/last too
-    c = correctness(ptq_model(s.model, w4a4, s.data), s.data, s.bs)
-    rows.append(
-        {
-            "name": "uniform-4-all-a4",
-            "kind": "uniform",
-            "acc": float(np.mean(c)),
-            "correct": bits_str(c),
-            **_sizes(s, w4a4),
-        }
-    )
-    return {"rows": rows}
+    if "uniform-4-all-a4" not in done:
+        w4a4 = BitConfig(weight_bits=4, act_bits=4)  # everything at W4/A4, input/last too
+        c = correctness(ptq_model(s.model, w4a4, s.data), s.data, s.bs)
+        rows.append(
+            {
+                "name": "uniform-4-all-a4",
+                "kind": "uniform",
+                "solver": "-",
+                "sensitivity": "-",
+                "acc": float(np.mean(c)),
+                "correct": bits_str(c),
+                **_sizes(s, w4a4),
+            }
+        )
+        save(s, res)
 
 
 def _sizes(s: Setup, bit_config: BitConfig) -> dict:
@@ -368,7 +376,7 @@ def run_experiment(exp: Experiment, cfg: EvalConfig, studies, device, data_root)
     for study in studies:
         t = time.perf_counter()
         if study == "ptq":
-            res["ptq"] = study_ptq(s)
+            study_ptq(s, res)
         elif study == "qat" and exp.qat_seeds:
             study_qat(s, res)
         elif study == "order" and exp.qat_seeds and exp.orders:
