@@ -46,6 +46,7 @@ class Experiment:
     config: str
     overrides: tuple[str, ...] = ()
     ptq_random: int = 10  # random same-size allocations per solver (PTQ)
+    ptq_compression: float | None = None  # PTQ target W-Comp (None: allocation.compression)
     qat_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     qat_random: int = 3  # random allocations fine-tuned with every seed
     qat_solver: str = "ilp"  # the solver family of the QAT and order studies

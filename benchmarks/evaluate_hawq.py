@@ -15,11 +15,11 @@ CNN on Fashion-MNIST):
 Results go to ``<results_dir>/<experiment>.json`` (one file per experiment, rewritten after
 each study); ``results_doc.py`` writes ``docs/results.md`` and the plots from them.
 
-    python benchmarks/evaluate_hawq.py --config configs/evaluate_cpu.yaml           # 2 cores
-    python benchmarks/evaluate_hawq.py --config configs/evaluate_cpu.yaml --only resnet20_cifar10 \
+    python benchmarks/evaluate_hawq.py --config configs/evaluate/cpu.yaml           # 2 cores
+    python benchmarks/evaluate_hawq.py --config configs/evaluate/cpu.yaml --only resnet20_cifar10 \
         --studies ptq                                                             # PTQ only
-    python benchmarks/evaluate_hawq.py --config configs/evaluate_gpu.yaml --device cuda
-    python benchmarks/evaluate_hawq.py --config configs/evaluate_cpu.yaml --doc-only  # rewrite doc
+    python benchmarks/evaluate_hawq.py --config configs/evaluate/gpu.yaml --device cuda
+    python benchmarks/evaluate_hawq.py --config configs/evaluate/cpu.yaml --doc-only  # rewrite doc
     python benchmarks/evaluate_hawq.py --smoke --out /tmp/eval                     # ~1 min
 """
 
@@ -161,11 +161,14 @@ class Setup:
 
 
 def allocations(
-    s: Setup, solver: str, sens: str, n_random: int
+    s: Setup, solver: str, sens: str, n_random: int, compression: float | None = None
 ) -> list[tuple[str, str, Allocation]]:
-    """HAWQ, anti and ``n_random`` random allocations of one solver and sensitivity."""
+    """HAWQ, anti and ``n_random`` random allocations of one solver and sensitivity (at the
+    config's compression, or ``compression``)."""
     problem = s.problems[sens]
     acfg = replace(s.acfg, method=solver, sensitivity=sens)
+    if compression is not None:
+        acfg = replace(acfg, compression=compression, size_limit_mb=None)
     out = [
         (f"hawq-{solver}-{sens}", "hawq", solve_with(problem, acfg, None)),
         (
@@ -189,7 +192,8 @@ def study_ptq(s: Setup, res: dict) -> None:
     for solver in ("ilp", "v1"):
         for sens in (sens0, *({"eigenvalue", "trace"} - {sens0})):
             n_rand = s.exp.ptq_random if sens == sens0 else 0  # random ranks ignore S
-            todo += [(n, k, solver, sens, a) for n, k, a in allocations(s, solver, sens, n_rand)]
+            allocs = allocations(s, solver, sens, n_rand, s.exp.ptq_compression)
+            todo += [(n, k, solver, sens, a) for n, k, a in allocs]
     for b in (4, 2):
         todo.insert(2, (f"uniform-{b}", "uniform", "-", "-", uniform(s.problems[sens0], s.acfg, b)))
     rows = res.setdefault("ptq", {"rows": []})["rows"]
@@ -387,7 +391,7 @@ def run_experiment(exp: Experiment, cfg: EvalConfig, studies, device, data_root)
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default=str(ROOT / "configs" / "evaluate_cpu.yaml"))
+    ap.add_argument("--config", default=str(ROOT / "configs" / "evaluate" / "cpu.yaml"))
     ap.add_argument("--smoke", action="store_true", help="tiny run of the first experiment")
     ap.add_argument("--out", default=None, help="directory for doc, plots and results")
     ap.add_argument("--only", nargs="*", default=None, help="experiment names to run")

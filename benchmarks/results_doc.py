@@ -51,7 +51,7 @@ def table_md(headers, rows) -> str:
 
 
 def vec(s: str) -> np.ndarray:
-    return np.frombuffer(s.encode(), dtype=np.uint8) - ord("0")
+    return (np.frombuffer(s.encode(), dtype=np.uint8) - ord("0")).astype(np.int64)
 
 
 def fmt_paired(r: PairedResult) -> str:

@@ -25,15 +25,15 @@ needs_data = pytest.mark.skipif(
 def test_eval_configs_load_and_are_strict(tmp_path: Path) -> None:
     from eval_setup import load_eval_config
 
-    for name in ("evaluate_cpu.yaml", "evaluate_gpu.yaml"):
-        cfg = load_eval_config(ROOT / "configs" / name)
+    for name in ("cpu.yaml", "gpu.yaml"):
+        cfg = load_eval_config(ROOT / "configs" / "evaluate" / name)
         assert [e.name for e in cfg.experiments] == [
             "resnet20_cifar10",
             "resnet56_cifar10",
             "fashion_mnist_resnet20",
         ]
         assert all(e.ptq_random >= 10 for e in cfg.experiments)
-    gpu = load_eval_config(ROOT / "configs" / "evaluate_gpu.yaml")
+    gpu = load_eval_config(ROOT / "configs" / "evaluate" / "gpu.yaml")
     assert all(len(e.qat_seeds) >= 5 and e.qat_random >= 3 for e in gpu.experiments)
     bad = tmp_path / "bad.yaml"
     bad.write_text("experiments: [{name: a, title: b, config: c, seedz: [1]}]\n")
