@@ -9,7 +9,9 @@ Size model: size(b) = F + sum_i n_i b_i / 8 bytes, where n_i counts the Conv/Lin
 ``weight`` elements of block i and F the float32 bytes that do not depend on the bits
 (biases, BN, scales, unquantized layers), taken from ``hawq.size``. MB = 2^20 bytes.
 Weight compression counts the blocks' weights only: 32 sum_i n_i / sum_i n_i b_i.
-BOPs of block i at b bits: MACs_i * b * act_bits (summed over the blocks).
+BOPs of block i at b bits: MACs_i * b * act_bits (summed over the blocks); a module whose input
+runs at other bits (``input_act_bits`` for the network's first layer, ``last_act_bits`` for the
+last) counts its MACs scaled by a_m / act_bits, so the totals stay exact.
 
 This module is the one entry point of allocation: it re-exports the public names of the
 solvers (``Problem``, ``InfeasibleAllocation``, ``check_feasible``, ``weight_bit_budget``,
@@ -49,7 +51,13 @@ from hawq.omega import (
 )
 from hawq.quant.bitconfig import REGEX_PREFIX, BitConfig, LayerBits
 from hawq.size import layer_costs, model_size_bytes
-from hawq.validation import INT_BITS, check_bits, check_number, check_percentile
+from hawq.validation import (
+    INT_BITS,
+    check_bits,
+    check_clip_bits,
+    check_number,
+    check_percentile,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +87,11 @@ class AllocConfig:
     names and module FQNs, as in ``BitConfig``) to fixed bits (2..8, or 32 = float); pinning
     a module pins its whole block. ``ties`` lists groups of such names whose blocks must
     share one bit width.
+
+    ``input_act_bits`` / ``last_act_bits``: input-activation bits of the first module of the
+    first block (the network input) and of the last module of the last block (None =
+    ``act_bits``); 8 by default, as the HAWQ reference code keeps them.
+    ``percentile`` / ``mse_clip`` / ``clip_bits``: weight clipping, as in ``BitConfig``.
     """
 
     method: str = "ilp"
@@ -90,8 +103,12 @@ class AllocConfig:
     act_bits: int = 8
     pins: Mapping[str, int] = field(default_factory=dict)
     ties: tuple[tuple[str, ...], ...] = ()
+    input_act_bits: int | None = 8
+    last_act_bits: int | None = 8
     per_channel: bool = True
     percentile: float | None = None
+    clip_bits: int | None = None
+    mse_clip: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -124,6 +141,27 @@ class AllocConfig:
                 _check_name(name, "ties")
         object.__setattr__(self, "ties", ties)
         check_percentile("percentile", self.percentile)
+        check_clip_bits("clip_bits", self.clip_bits)
+        for name in ("input_act_bits", "last_act_bits"):
+            if getattr(self, name) is not None:
+                check_bits(name, getattr(self, name))
+        if not isinstance(self.mse_clip, bool):
+            raise ValueError(f"mse_clip must be a bool, got {self.mse_clip!r}")
+        if self.mse_clip and self.percentile is not None:
+            raise ValueError("set either percentile or mse_clip (MSE-optimal clipping), not both")
+
+    @property
+    def quant_options(self) -> dict[str, object]:
+        """The ``to_bit_config`` keyword arguments of this config (bits and clipping)."""
+        return {
+            "act_bits": self.act_bits,
+            "input_act_bits": self.input_act_bits,
+            "last_act_bits": self.last_act_bits,
+            "per_channel": self.per_channel,
+            "percentile": self.percentile,
+            "clip_bits": self.clip_bits,
+            "mse_clip": self.mse_clip,
+        }
 
 
 def _check_name(name: object, field_name: str) -> None:
@@ -253,6 +291,8 @@ def problem_from_model(
         sensitivity=config.sensitivity,
         per_channel=config.per_channel,
         percentile=config.percentile,
+        clip_bits=config.clip_bits,
+        mse_clip=config.mse_clip,
     )
     if any(b == 32 for b in config.pins.values()):  # float: no perturbation
         bits.append(32)
@@ -264,17 +304,23 @@ def problem_from_model(
         missing = [m for r in records for m in r.modules if m not in per_layer]
         if missing:
             raise ValueError(f"hawq.size.layer_costs has no MACs for modules {missing}")
-        macs = [sum(per_layer[m] for m in r.modules) for r in records]
+        act = _input_bits(records, config)
+        macs = [sum(per_layer[m] * act.get(m, 1.0) for m in r.modules) for r in records]
     problem = build_problem(records, omega, bits, config, n_weights=n_weights, macs=macs)
     ref = expand_units(problem, [32 if b == (32,) else 8 for b in problem.unit_bits])
-    ref_config = to_bit_config(
-        _bits_table(problem, ref),
-        act_bits=config.act_bits,
-        per_channel=config.per_channel,
-        percentile=config.percentile,
-    )
+    ref_config = to_bit_config(_bits_table(problem, ref), **config.quant_options)
     fixed = model_size_bytes(model, ref_config) - problem.weight_bits(ref) / 8
     return replace(problem, fixed_bytes=max(float(fixed), 0.0))
+
+
+def _input_bits(records: Sequence[BlockRecord], config: AllocConfig) -> dict[str, float]:
+    """MAC weights a_m / act_bits of the first and last module (BOPs at their own input bits)."""
+    out = {}
+    for m, a in ((records[0].modules[0], config.input_act_bits),
+                 (records[-1].modules[-1], config.last_act_bits)):  # fmt: skip
+        if a is not None:
+            out[m] = a / config.act_bits
+    return out
 
 
 ALLOCATION_SCHEMA = pa.schema(
@@ -307,20 +353,32 @@ def to_bit_config(
     table: pa.Table,
     *,
     act_bits: int = 8,
+    input_act_bits: int | None = None,
+    last_act_bits: int | None = None,
     default: LayerBits | None = None,
     per_channel: bool = True,
     percentile: float | None = None,
+    clip_bits: int | None = None,
+    mse_clip: bool = False,
 ) -> BitConfig:
     """Expand a block bit table (columns modules, bits) to per-module ``LayerBits(b, act)``.
 
-    Modules in no block get ``default`` (float, 32/32, unless given).
+    The first module of the first row (the network input) gets ``input_act_bits`` and the
+    last module of the last row ``last_act_bits`` as input bits (None = ``act_bits``); rows
+    are in partition (= module) order. Modules in no block get ``default`` (float, 32/32).
     """
     default = default or LayerBits(32, 32)
     cols = table.select(["modules", "bits"]).to_pydict()
+    mods = [m for ms in cols["modules"] for m in ms]
+    act = {m: act_bits for m in mods}
+    if mods and input_act_bits is not None:
+        act[mods[0]] = input_act_bits
+    if mods and last_act_bits is not None:
+        act[mods[-1]] = last_act_bits
     layers = {
-        m: LayerBits(int(b), act_bits)
-        for mods, b in zip(cols["modules"], cols["bits"], strict=True)
-        for m in mods
+        m: LayerBits(int(b), act[m])
+        for ms, b in zip(cols["modules"], cols["bits"], strict=True)
+        for m in ms
     }
     return BitConfig(
         weight_bits=default.weight,
@@ -328,6 +386,8 @@ def to_bit_config(
         layers=layers,
         per_channel=per_channel,
         percentile=percentile,
+        clip_bits=clip_bits,
+        mse_clip=mse_clip,
     )
 
 
@@ -355,12 +415,7 @@ def _allocation(problem: Problem, bits: np.ndarray, config: AllocConfig) -> Allo
         compression=problem.compression(bits),
         total_omega=problem.total_omega(bits),
         bops=problem.bops(bits),
-        bit_config=to_bit_config(
-            table,
-            act_bits=config.act_bits,
-            per_channel=config.per_channel,
-            percentile=config.percentile,
-        ),
+        bit_config=to_bit_config(table, **config.quant_options),
     )
 
 

@@ -135,15 +135,21 @@ def perturbation_matrix(
     *,
     per_channel: bool = True,
     percentile: float | None = None,
+    clip_bits: int | None = None,
+    mse_clip: bool = False,
 ) -> np.ndarray:
-    """P[i, j] = sum over block i's modules of ||Q_{bits[j]}(W) - W||_2^2 (float64)."""
+    """P[i, j] = sum over block i's modules of ||Q_{bits[j]}(W) - W||_2^2 (float64).
+
+    Q is ``quantize_weight`` with these options (clipping as in ``BitConfig``)."""
+    kw = {"per_channel": per_channel, "percentile": percentile}
+    kw.update(clip_bits=clip_bits, mse_clip=mse_clip)
     out = np.zeros((len(modules), len(bits)), dtype=np.float64)
     with torch.no_grad():
         for i, names in enumerate(modules):
             for w in block_weights(model, names):
                 w64 = w.to(torch.float64)
                 for j, b in enumerate(bits):
-                    q = quantize_weight(w, int(b), per_channel=per_channel, percentile=percentile)
+                    q = quantize_weight(w, int(b), **kw)
                     out[i, j] += float(((q.to(torch.float64) - w64) ** 2).sum())
     return out
 
@@ -156,11 +162,13 @@ def omega_matrix(
     sensitivity: str = "trace",
     per_channel: bool = True,
     percentile: float | None = None,
+    clip_bits: int | None = None,
+    mse_clip: bool = False,
 ) -> np.ndarray:
     """Omega[i, j] = s_i * ||Q_{bits[j]}(W_i) - W_i||^2 (blocks x bit widths)."""
     records = block_records(table)
     scale = omega_scale(records, sensitivity)
-    pert = perturbation_matrix(
-        model, [r.modules for r in records], bits, per_channel=per_channel, percentile=percentile
-    )
+    kw = {"per_channel": per_channel, "percentile": percentile}
+    kw.update(clip_bits=clip_bits, mse_clip=mse_clip)
+    pert = perturbation_matrix(model, [r.modules for r in records], bits, **kw)
     return scale[:, None] * pert

@@ -22,7 +22,7 @@ from hawq.omega import (
     omega_scale,
     perturbation_matrix,
 )
-from hawq.validation import check_int, check_percentile, check_seed
+from hawq.validation import check_clip_bits, check_int, check_percentile, check_seed
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,8 @@ class OrderConfig:
     sensitivity: str = "eigenvalue"
     per_channel: bool = True
     percentile: float | None = None
+    clip_bits: int | None = None
+    mse_clip: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in ORDER_MODES:
@@ -59,6 +61,9 @@ class OrderConfig:
                 f"sensitivity must be one of {SENSITIVITY_MODES}, got {self.sensitivity!r}"
             )
         check_percentile("percentile", self.percentile)
+        check_clip_bits("clip_bits", self.clip_bits)
+        if not isinstance(self.mse_clip, bool):
+            raise ValueError(f"mse_clip must be a bool, got {self.mse_clip!r}")
 
 
 @dataclass(frozen=True)
@@ -132,6 +137,7 @@ def finetune_order(
     if not records:
         raise ValueError("bits assigns no block of the sensitivity table")
     kw = {"per_channel": config.per_channel, "percentile": config.percentile}
+    kw.update(clip_bits=config.clip_bits, mse_clip=config.mse_clip)
     pert = [perturbation_matrix(model, [r.modules], [bits[r.block]], **kw)[0, 0] for r in records]
     omega = omega_scale(records, config.sensitivity) * np.array(pert)
     return order_blocks([r.block for r in records], [r.modules for r in records], omega, config)

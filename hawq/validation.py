@@ -24,6 +24,7 @@ __all__ = [
     "VALID_BITS",
     "InvalidValue",
     "check_bits",
+    "check_clip_bits",
     "check_int",
     "check_number",
     "check_percentile",
@@ -111,3 +112,12 @@ def check_percentile(name: str, value: object) -> float | None:
     if value is None:
         return None
     return check_number(name, value, low=0, high=100, low_open=True)
+
+
+def check_clip_bits(name: str, value: object) -> int | None:
+    """Clip weights only at bit widths ``<= value`` (an integer in 2..8), or ``None`` (all)."""
+    if value is None:
+        return None
+    if not _is_int(value) or value not in INT_BITS:
+        raise InvalidValue(name, f"{value!r} must be an integer in 2..8 or null (clip at all bits)")
+    return int(value)

@@ -316,8 +316,13 @@ def test_allocate_model_sizes_match_hawq_size():
     assert alloc.size_mb == pytest.approx(exact, abs=len(blocks) / MB)  # ceil per layer
     lb = alloc.bit_config.resolve("layer3.2.conv2")
     assert (lb.weight, lb.act) == (alloc.bits["layer3.2.conv2"], 4)
+    # the network input and the last layer's input stay at 8 bits (input/last_act_bits)
+    assert (
+        alloc.bit_config.resolve("conv1").act == 8 and alloc.bit_config.resolve("linear").act == 8
+    )
     costs = {c.name: c.macs for c in layer_costs(model, x)}
     problem = problem_from_model(model, table, config, example_input=x)
-    want = sum(costs[m] * b * 4 for m, b in alloc.bits.items())
+    act = {"conv1": 8, "linear": 8}
+    want = sum(costs[m] * b * act.get(m, 4) for m, b in alloc.bits.items())
     assert problem.bops(alloc.table.column("bits").to_numpy()) == pytest.approx(want)
     assert math.isclose(alloc.total_omega, float(alloc.table.column("omega").to_numpy().sum()))

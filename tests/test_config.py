@@ -25,11 +25,8 @@ from pipeline.config import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-# Pipeline run configs; reproduce_*.yaml are the reproduction script's own schema (its smoke
-# test loads them).
-CONFIGS = sorted(
-    p for p in (ROOT / "configs").glob("*.yaml") if not p.name.startswith("reproduce_")
-)
+# Pipeline run configs (configs/evaluate/ holds the evaluation script's own schema).
+CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml"))
 BASE = {
     "model": {"name": "cifar_resnet20"},
     "data": {"name": "cifar10", "path": "x.npz"},

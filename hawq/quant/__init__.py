@@ -17,9 +17,13 @@ from hawq.quant.modules import (
     quantized_modules,
 )
 from hawq.quant.primitives import (
+    MSE_CLIP_GRID,
     act_qparams,
+    clip_range,
+    clips_at,
     ema_update,
     fake_quantize,
+    mse_clip_ratios,
     quantize_act,
     quantize_weight,
     quantize_weight_int,
@@ -30,6 +34,7 @@ from hawq.validation import FLOAT_BITS, VALID_BITS, check_bits
 
 __all__ = [
     "FLOAT_BITS",
+    "MSE_CLIP_GRID",
     "REGEX_PREFIX",
     "VALID_BITS",
     "ActQuant",
@@ -41,9 +46,12 @@ __all__ = [
     "bit_config_of",
     "calibrate_",
     "check_bits",
+    "clip_range",
+    "clips_at",
     "ema_update",
     "export_integer",
     "fake_quantize",
+    "mse_clip_ratios",
     "quantize_",
     "quantize_act",
     "quantize_weight",

@@ -21,10 +21,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from hawq.validation import check_bits, check_number, check_percentile
+from hawq.validation import check_bits, check_clip_bits, check_number, check_percentile
 
 REGEX_PREFIX = "re:"
-_FIELDS = ("weight_bits", "act_bits", "per_channel", "percentile", "act_momentum", "layers")
+_FIELDS = (
+    "weight_bits",
+    "act_bits",
+    "per_channel",
+    "percentile",
+    "clip_bits",
+    "mse_clip",
+    "act_momentum",
+    "layers",
+)
 
 __all__ = ["REGEX_PREFIX", "BitConfig", "LayerBits", "atomic_write"]
 
@@ -74,6 +83,8 @@ class BitConfig:
 
     per_channel: weight scales per output channel (else one per tensor).
     percentile: clip weights at this percentile of |w| (None = max|w|), in (0, 100].
+    mse_clip: clip each channel at the MSE-optimal ratio of max|w| (``mse_clip_ratios``).
+    clip_bits: clip (percentile or MSE) only at weight bits <= clip_bits (None = all widths).
     act_momentum: EMA weight on the old activation range, in [0, 1).
     """
 
@@ -82,14 +93,20 @@ class BitConfig:
     layers: Mapping[str, LayerBits] = field(default_factory=dict)
     per_channel: bool = True
     percentile: float | None = None
+    clip_bits: int | None = None
+    mse_clip: bool = False
     act_momentum: float = 0.99
 
     def __post_init__(self) -> None:
         check_bits("weight_bits", self.weight_bits)
         check_bits("act_bits", self.act_bits)
-        if not isinstance(self.per_channel, bool):
-            raise ValueError(f"per_channel must be a bool, got {self.per_channel!r}")
+        for name in ("per_channel", "mse_clip"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         object.__setattr__(self, "percentile", check_percentile("percentile", self.percentile))
+        check_clip_bits("clip_bits", self.clip_bits)
+        if self.mse_clip and self.percentile is not None:
+            raise ValueError("set either percentile or mse_clip (MSE-optimal clipping), not both")
         m = check_number("act_momentum", self.act_momentum, low=0, high=1, high_open=True)
         object.__setattr__(self, "act_momentum", m)
         if not isinstance(self.layers, Mapping):
@@ -121,6 +138,15 @@ class BitConfig:
     __hash__ = None  # type: ignore[assignment]
 
     @property
+    def clip_options(self) -> dict[str, Any]:
+        """The weight-clipping keyword arguments of ``hawq.quant.primitives.quantize_weight``."""
+        return {
+            "percentile": self.percentile,
+            "clip_bits": self.clip_bits,
+            "mse_clip": self.mse_clip,
+        }
+
+    @property
     def default(self) -> LayerBits:
         """The bits of a layer that no key matches."""
         return LayerBits(self.weight_bits, self.act_bits)
@@ -142,6 +168,8 @@ class BitConfig:
             "act_bits": self.act_bits,
             "per_channel": self.per_channel,
             "percentile": self.percentile,
+            "clip_bits": self.clip_bits,
+            "mse_clip": self.mse_clip,
             "act_momentum": self.act_momentum,
             "layers": {k: {"weight": v.weight, "act": v.act} for k, v in self.layers.items()},
         }

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
-from typing import Self
+from typing import Any, Self
 
 import torch
 import torch.nn.functional as F
@@ -103,6 +103,8 @@ class _QuantMixin:
         *,
         per_channel: bool = True,
         percentile: float | None = None,
+        clip_bits: int | None = None,
+        mse_clip: bool = False,
         act_momentum: float = 0.99,
     ) -> Self:
         """The quantized twin of ``float_module``: its weight/bias Parameters, device and mode."""
@@ -111,6 +113,8 @@ class _QuantMixin:
         q.weight_bits = check_bits("weight bits", bits.weight)
         q.per_channel = per_channel
         q.percentile = percentile
+        q.clip_bits = clip_bits
+        q.mse_clip = mse_clip
         q.input_quant = ActQuant(bits.act, momentum=act_momentum).to(float_module.weight.device)
         return q.train(float_module.training)
 
@@ -123,13 +127,43 @@ class _QuantMixin:
         self.weight_bits = check_bits("weight bits", bits.weight)
         self.input_quant.bits = check_bits("act bits", bits.act)
 
+    @property
+    def clip_options(self) -> dict[str, Any]:
+        """Weight-clipping keyword arguments of ``quantize_weight`` (as in ``BitConfig``)."""
+        return {
+            "percentile": self.percentile,
+            "clip_bits": self.clip_bits,
+            "mse_clip": self.mse_clip,
+        }
+
     def quantized_weight(self) -> torch.Tensor:
-        return quantize_weight(
-            self.weight, self.weight_bits, per_channel=self.per_channel, percentile=self.percentile
+        """``quantize_weight`` of the weight; without autograd (evaluation) the result is
+        cached until the weight changes (its version counter), the bits or the options."""
+        if torch.is_grad_enabled():
+            self._wq_cache = None
+            return quantize_weight(
+                self.weight, self.weight_bits, per_channel=self.per_channel, **self.clip_options
+            )
+        w = self.weight
+        key = (
+            w.data_ptr(),
+            w._version,
+            self.weight_bits,
+            self.per_channel,
+            *self.clip_options.values(),
         )
+        cache = getattr(self, "_wq_cache", None)
+        if cache is None or cache[0] != key:
+            q = quantize_weight(
+                w, self.weight_bits, per_channel=self.per_channel, **self.clip_options
+            )
+            self._wq_cache = cache = (key, q)
+        return cache[1]
 
     def extra_repr(self) -> str:
         p = f", percentile={self.percentile}" if self.percentile is not None else ""
+        p += ", mse_clip=True" if self.mse_clip else ""
+        p += f", clip_bits={self.clip_bits}" if self.clip_bits is not None else ""
         return (
             f"{super().extra_repr()}, w_bits={self.weight_bits}, a_bits={self.input_quant.bits}, "
             f"per_channel={self.per_channel}{p}"
@@ -217,7 +251,7 @@ def quantize_(
             m,  # type: ignore[arg-type]
             bits,
             per_channel=bit_config.per_channel,
-            percentile=bit_config.percentile,
+            **bit_config.clip_options,
             act_momentum=bit_config.act_momentum,
         )
         parent_name, _, child = fqn.rpartition(".")
@@ -240,7 +274,7 @@ def bit_config_of(model: nn.Module) -> BitConfig:
         act_bits=FLOAT_BITS,
         layers={n: m.bits for n, m in qm.items()},
         per_channel=True if first is None else first.per_channel,
-        percentile=None if first is None else first.percentile,
+        **({} if first is None else first.clip_options),
         act_momentum=0.99 if first is None else first.input_quant.momentum,
     )
 
@@ -280,7 +314,7 @@ def export_integer(model: nn.Module) -> dict[str, torch.Tensor]:
     for fqn, m in quantized_modules(model).items():
         if m.weight_bits != FLOAT_BITS:
             codes, scale = quantize_weight_int(
-                m.weight, m.weight_bits, per_channel=m.per_channel, percentile=m.percentile
+                m.weight, m.weight_bits, per_channel=m.per_channel, **m.clip_options
             )
             out[f"{fqn}.weight_int"] = codes.contiguous()
             out[f"{fqn}.weight_scale"] = scale.float().contiguous()

@@ -3,7 +3,10 @@
 Weights (symmetric, signed, per output channel or per tensor), for ``b`` in 2..8::
 
     qmax  = 2^(b-1) - 1                   levels -qmax..qmax (no -2^(b-1): symmetric)
-    r     = max|w|            (or the p-th percentile of |w|, clipping larger weights)
+    r     = max|w|            (default: max-scaling, nothing clipped), or with clipping
+            the p-th percentile of |w|, or c* max|w| with the MSE-optimal ratio
+            c* = argmin_{c in grid} ||Q_{c max|w|}(w) - w||^2 (per channel; ``mse_clip``);
+            ``clip_bits`` limits clipping to widths b <= clip_bits (e.g. 2: only 2-bit layers)
     s     = r / qmax          (s = 1 where r = 0, so an all-zero channel stays zero)
     q     = clamp(round(w / s), -qmax, qmax)       w_hat = q * s
 
@@ -23,12 +26,26 @@ from __future__ import annotations
 
 import torch
 
-from hawq.validation import FLOAT_BITS, check_bits, check_number, check_percentile
+from hawq.validation import (
+    FLOAT_BITS,
+    check_bits,
+    check_clip_bits,
+    check_number,
+    check_percentile,
+)
+
+# Clip ratios searched by ``mse_clip_ratios``: 1.00, 0.99, ..., 0.30 (descending: ties keep
+# the largest ratio, so a channel that clipping cannot help stays max-scaled).
+MSE_CLIP_GRID: tuple[float, ...] = tuple(k / 100 for k in range(100, 29, -1))
 
 __all__ = [
+    "MSE_CLIP_GRID",
     "act_qparams",
+    "clip_range",
+    "clips_at",
     "ema_update",
     "fake_quantize",
+    "mse_clip_ratios",
     "quantize_act",
     "quantize_weight",
     "quantize_weight_int",
@@ -62,14 +79,96 @@ def weight_range(
     return _quantile_lastdim(a, float(percentile) / 100.0)
 
 
-def weight_scale(
-    w: torch.Tensor, bits: int, *, per_channel: bool = True, percentile: float | None = None
+def _rows(w: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    """``w`` as (C_out, -1) per channel, else (1, -1)."""
+    return w.reshape(w.shape[0], -1) if per_channel and w.dim() > 1 else w.reshape(1, -1)
+
+
+def mse_clip_ratios(
+    w: torch.Tensor,
+    bits: int,
+    *,
+    per_channel: bool = True,
+    grid: tuple[float, ...] = MSE_CLIP_GRID,
 ) -> torch.Tensor:
-    """Scale s = r / (2^(b-1) - 1) (1 where r = 0); shape (C_out,) per channel, else ()."""
+    """Per channel, the ratio c in ``grid`` minimising ``||Q(w; r = c max|w|) - w||^2``.
+
+    Q is the symmetric ``bits``-bit quantizer with range r (s = r / qmax, values clamped to
+    +-qmax). Errors are summed in float64; ties go to the earlier grid entry. Shape (C_out,)
+    per channel, else (). Pure function (no gradient).
+    """
+    bits = check_bits("bits", bits)
+    if bits == FLOAT_BITS:
+        raise ValueError("bits=32 is float: there is nothing to clip")
+    if not grid or any(not 0 < c <= 1 for c in grid):
+        raise ValueError(f"grid must be non-empty ratios in (0, 1], got {grid!r}")
+    qmax = 2 ** (bits - 1) - 1
+    a = _rows(w.detach(), per_channel)
+    m = a.abs().amax(dim=-1)
+    c = torch.tensor(grid, dtype=a.dtype, device=a.device)[:, None]  # (G, 1)
+    r = m[None, :] * c  # (G, C): the same float products as max|w| * ratio in clip_range
+    s = torch.where(r > 0, r / qmax, torch.ones_like(r))[..., None]  # (G, C, 1)
+    q = torch.clamp(torch.round(a[None] / s), -qmax, qmax) * s  # all grid points at once
+    err = ((q.to(torch.float64) - a.to(torch.float64)[None]) ** 2).sum(dim=-1)  # (G, C)
+    best = torch.argmin(err, dim=0)  # first minimum: the larger ratio
+    ratios = torch.tensor(grid, dtype=w.dtype, device=w.device)[best]
+    return ratios if per_channel and w.dim() > 1 else ratios.reshape(())
+
+
+def clips_at(
+    bits: int, *, percentile: float | None = None, clip_bits: int | None = None, mse_clip=False
+) -> bool:
+    """Whether a ``bits``-bit weight is clipped (percentile < 100 or MSE, at bits <= clip_bits)."""
+    if clip_bits is not None and bits > clip_bits:
+        return False
+    return bool(mse_clip) or (percentile is not None and percentile != 100.0)
+
+
+def clip_range(
+    w: torch.Tensor,
+    bits: int,
+    *,
+    per_channel: bool = True,
+    percentile: float | None = None,
+    clip_bits: int | None = None,
+    mse_clip: bool = False,
+) -> torch.Tensor:
+    """The range r of the ``bits``-bit weight quantizer: max|w| unless ``clips_at`` says to
+    clip, then the ``percentile`` of |w| or ``max|w| * mse_clip_ratios(w, bits)``."""
+    check_percentile("percentile", percentile)
+    check_clip_bits("clip_bits", clip_bits)
+    if mse_clip and percentile is not None:
+        raise ValueError("give either percentile or mse_clip, not both")
+    kw = {"percentile": percentile, "clip_bits": clip_bits, "mse_clip": mse_clip}
+    if not clips_at(bits, **kw):
+        return weight_range(w, per_channel=per_channel)
+    if mse_clip:
+        ratios = mse_clip_ratios(w, bits, per_channel=per_channel)
+        return weight_range(w, per_channel=per_channel) * ratios
+    return weight_range(w, per_channel=per_channel, percentile=percentile)
+
+
+def weight_scale(
+    w: torch.Tensor,
+    bits: int,
+    *,
+    per_channel: bool = True,
+    percentile: float | None = None,
+    clip_bits: int | None = None,
+    mse_clip: bool = False,
+) -> torch.Tensor:
+    """Scale s = r / (2^(b-1) - 1) (1 where r = 0; r from ``clip_range``); (C_out,) or ()."""
     bits = check_bits("bits", bits)
     if bits == FLOAT_BITS:
         raise ValueError("bits=32 is float: there is no scale")
-    r = weight_range(w, per_channel=per_channel, percentile=percentile)
+    r = clip_range(
+        w,
+        bits,
+        per_channel=per_channel,
+        percentile=percentile,
+        clip_bits=clip_bits,
+        mse_clip=mse_clip,
+    )
     qmax = 2 ** (bits - 1) - 1
     return torch.where(r > 0, r / qmax, torch.ones_like(r))
 
@@ -126,7 +225,13 @@ def fake_quantize(
 
 
 def quantize_weight(
-    w: torch.Tensor, bits: int, *, per_channel: bool = True, percentile: float | None = None
+    w: torch.Tensor,
+    bits: int,
+    *,
+    per_channel: bool = True,
+    percentile: float | None = None,
+    clip_bits: int | None = None,
+    mse_clip: bool = False,
 ) -> torch.Tensor:
     """Fake-quantized weight ``q * s`` (same shape and dtype; STE gradient; bits 32 = identity)."""
     bits = check_bits("bits", bits)
@@ -134,8 +239,9 @@ def quantize_weight(
         check_percentile("percentile", percentile)
         return w
     qmax = 2 ** (bits - 1) - 1
-    s = _broadcast(weight_scale(w, bits, per_channel=per_channel, percentile=percentile), w)
-    if percentile is None or percentile == 100.0:
+    kw = {"percentile": percentile, "clip_bits": clip_bits, "mse_clip": mse_clip}
+    s = _broadcast(weight_scale(w, bits, per_channel=per_channel, **kw), w)
+    if not clips_at(bits, **kw):
         # |w| <= r = qmax * s, so |w / s| rounds to <= qmax: no clamp, and no weight is
         # clipped (a clamp could zero the gradient of max|w| when w / s = qmax + 1 ulp)
         return _FakeQuantSTE.apply(w, s.detach(), None, None)
@@ -143,14 +249,21 @@ def quantize_weight(
 
 
 def quantize_weight_int(
-    w: torch.Tensor, bits: int, *, per_channel: bool = True, percentile: float | None = None
+    w: torch.Tensor,
+    bits: int,
+    *,
+    per_channel: bool = True,
+    percentile: float | None = None,
+    clip_bits: int | None = None,
+    mse_clip: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer codes (int8, in -(2^(b-1)-1)..2^(b-1)-1) and scales: ``w_hat = codes * s``."""
     bits = check_bits("bits", bits)
     if bits == FLOAT_BITS:
         raise ValueError("bits=32 is float: there are no integer codes")
     qmax = 2 ** (bits - 1) - 1
-    s = weight_scale(w, bits, per_channel=per_channel, percentile=percentile)
+    kw = {"percentile": percentile, "clip_bits": clip_bits, "mse_clip": mse_clip}
+    s = weight_scale(w, bits, per_channel=per_channel, **kw)
     with torch.no_grad():
         q = torch.round(w.detach() / _broadcast(s, w)).clamp_(-qmax, qmax)
     return q.to(torch.int8), s

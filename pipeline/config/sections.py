@@ -215,8 +215,12 @@ class AllocationSection(Section):
     pin: dict[str, int] = field(default_factory=dict)  # module name -> bits
     tie: tuple[tuple[str, ...], ...] = ()  # groups of module names that share bits
     pareto_points: int = 0  # points of the size/Omega frontier to record (0 = skip, else >= 2)
+    input_act_bits: int | None = 8  # the network input's bits (first layer); null = act_bits
+    last_act_bits: int | None = 8  # the last layer's input bits; null = act_bits
     per_channel: bool = True  # weight scales per output channel
     percentile: float | None = None  # clip |w| at this percentile (None = max)
+    mse_clip: bool = False  # clip each channel at its MSE-optimal ratio of max|w|
+    clip_bits: int | None = None  # clip (percentile / MSE) only at bits <= this; null = all
 
     def check(self) -> None:
         if not self.candidate_bits:
@@ -243,6 +247,13 @@ class AllocationSection(Section):
         if self.size_limit_mb is None and self.compression is None and self.bops_limit is None:
             fail("size_limit_mb", "set one of size_limit_mb, compression or bops_limit")
         check_number("percentile", self.percentile, low=0, high=100, low_open=True)
+        for key in ("input_act_bits", "last_act_bits"):
+            if getattr(self, key) is not None:
+                check_bits(key, getattr(self, key))
+        if self.clip_bits is not None and self.clip_bits not in range(2, 9):
+            fail("clip_bits", f"{self.clip_bits} must be in 2..8 (or null: clip at every width)")
+        if self.mse_clip and self.percentile is not None:
+            fail("mse_clip", "set either allocation.percentile or allocation.mse_clip, not both")
 
     def to_hawq(self) -> AllocConfig:
         """The hawq ``AllocConfig`` (``pin`` -> ``pins``, ``tie`` -> ``ties``, GBOPs -> BOPs).
@@ -314,6 +325,8 @@ class FinetuneSection(Section):
             sensitivity=allocation.sensitivity,
             per_channel=allocation.per_channel,
             percentile=allocation.percentile,
+            clip_bits=allocation.clip_bits,
+            mse_clip=allocation.mse_clip,
         )
 
 

@@ -1,0 +1,94 @@
+"""Smoke run of benchmarks/evaluate_hawq.py (toy sizes): every study runs, the doc and plots are
+written, and the doc's numbers agree with the saved per-image results."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / ".." / "shared" / "data" / "cifar10"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+needs_data = pytest.mark.skipif(
+    not (DATA / "cifar10_subset.npz").exists() or not (DATA / "resnet20-12fca82f.th").exists(),
+    reason="needs ../shared/data/cifar10 (CIFAR-10 subset and pretrained ResNet-20)",
+)
+
+
+def test_eval_configs_load_and_are_strict(tmp_path: Path) -> None:
+    from eval_setup import load_eval_config
+
+    for name in ("cpu.yaml", "gpu.yaml"):
+        cfg = load_eval_config(ROOT / "configs" / "evaluate" / name)
+        assert [e.name for e in cfg.experiments] == [
+            "resnet20_cifar10",
+            "resnet56_cifar10",
+            "fashion_mnist_resnet20",
+        ]
+        assert all(e.ptq_random >= 10 for e in cfg.experiments)
+    gpu = load_eval_config(ROOT / "configs" / "evaluate" / "gpu.yaml")
+    assert all(len(e.qat_seeds) >= 5 and e.qat_random >= 3 for e in gpu.experiments)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("experiments: [{name: a, title: b, config: c, seedz: [1]}]\n")
+    with pytest.raises(ValueError, match="seedz"):
+        load_eval_config(bad)
+
+
+def test_anti_reverses_the_free_blocks_ranks() -> None:
+    from types import SimpleNamespace as NS
+
+    from eval_setup import permuted_sensitivity
+
+    # blocks 0 and 3 pinned; free blocks 1, 2, 4 with S = 5, 1, 3 -> reversed 1, 5, 3
+    p = NS(
+        sensitivity=np.array([9.0, 5.0, 1.0, 7.0, 3.0]),
+        units=((0,), (1,), (2,), (3,), (4,)),
+        unit_bits=((8,), (2, 4, 8), (2, 4, 8), (8,), (2, 4, 8)),
+    )
+    assert permuted_sensitivity(p, "reversed").tolist() == [9.0, 1.0, 5.0, 7.0, 3.0]
+    r = permuted_sensitivity(p, "random", np.random.default_rng(0))
+    assert r[[0, 3]].tolist() == [9.0, 7.0] and sorted(r[[1, 2, 4]]) == [1.0, 3.0, 5.0]
+
+
+@needs_data
+def test_smoke_run_writes_doc_consistent_with_results(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "evaluate_hawq.py"), "--smoke",
+         "--out", str(tmp_path)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = (tmp_path / "results.md").read_text()
+    assert "SMOKE RUN" in doc and "## Acceptance" in doc
+    res = json.loads((tmp_path / "results" / "resnet20_cifar10.json").read_text())
+    rows = {r["name"]: r for r in res["ptq"]["rows"]}
+    # two solvers x two sensitivities x (hawq, anti), 2 random per solver, 3 uniform
+    assert len(rows) == 8 + 4 + 3
+    assert {"hawq-v1-eigenvalue", "anti-ilp-trace", "random-ilp-1", "uniform-2"} <= set(rows)
+    ref = rows["hawq-ilp-eigenvalue"]["size_mb"]
+    for name, r in rows.items():
+        assert len(r["correct"]) == res["n_eval"] == 96
+        assert r["acc"] == pytest.approx(r["correct"].count("1") / 96)
+        if not name.startswith("uniform"):
+            assert abs(r["size_mb"] / ref - 1) <= 0.02, name  # same size within 2%
+    hawq_acc = 100 * rows["hawq-ilp-eigenvalue"]["acc"]
+    assert re.search(
+        rf"\| hawq-ilp-eigenvalue \| ilp \| eigenvalue \|[^\n]*\| {hawq_acc:.2f} \|", doc
+    )
+    runs = res["qat"]["runs"]
+    assert sorted({(r["name"], r["seed"]) for r in runs}) == sorted(
+        (n, s) for n in ("hawq-ilp-eigenvalue", "anti-ilp-eigenvalue", "random-ilp-0")
+        for s in (0, 1)
+    )  # fmt: skip
+    orders = {(r["order"], r["seed"]): r for r in res["order"]["runs"]}
+    assert set(orders) == {(o, s) for o in ("descending", "reverse") for s in (0, 1)}
+    assert "Spearman" in doc and "two-way bootstrap" in doc
+    pngs = sorted(p.name for p in (tmp_path / "img").glob("*.png"))
+    assert pngs == ["resnet20_cifar10_acc_vs_size.png", "resnet20_cifar10_omega_vs_acc.png"]
