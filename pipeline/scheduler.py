@@ -32,10 +32,18 @@ from pipeline.atomic import (
 )
 from pipeline.config import ConfigError, RunConfig, config_to_yaml, load_config
 from pipeline.data import DataBundle, load_data
+from pipeline.data_factory import FactoryData
 from pipeline.stages import STAGES, StageContext, stage_by_name
 from pipeline.stages.base import Params, resolve_device
 from pipeline.store import RunStore
-from pipeline.validate import check_extras, check_identity, check_run_dir, identity_of, preflight
+from pipeline.validate import (
+    check_extras,
+    check_identity,
+    check_imports,
+    check_run_dir,
+    identity_of,
+    preflight,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +78,7 @@ class Prepared:
 
     cfg: RunConfig
     store: RunStore
-    data: DataBundle
+    data: DataBundle | FactoryData
     device: torch.device
     plan: list[StagePlan]
     identity: dict[str, Any]
@@ -182,6 +190,7 @@ def prepare(
     root = Path(run_dir if run_dir is not None else cfg.run.directory)
     check_run_dir(root)
     check_extras(cfg)
+    check_imports(cfg)
     store = RunStore(root)
     if cfg.run.torch_threads:
         torch.set_num_threads(cfg.run.torch_threads)

@@ -68,7 +68,7 @@ def _problem(ctx: StageContext) -> tuple[nn.Module, pa.Table, AllocConfig, Probl
     model = ctx.float_model()
     table = ctx.read_table("hessian", "sensitivity.parquet")
     acfg = ctx.cfg.allocation.to_hawq()
-    example = ctx.data.eval_x[:1].to(ctx.device)
+    example = ctx.data.example(1).to(ctx.device)
     return model, table, acfg, problem_from_model(model, table, acfg, example_input=example)
 
 
@@ -79,7 +79,7 @@ def run(ctx: StageContext) -> None:
     ctx.write_table("bits.parquet", result.table)
     ctx.write_table("bit_config.parquet", result.bit_config.to_table())
     atomic_write_text(ctx.path("bit_config.yaml"), result.bit_config.to_yaml())
-    sizes = size_summary(model, result.bit_config, ctx.data.eval_x[:1].to(ctx.device))
+    sizes = size_summary(model, result.bit_config, ctx.data.example(1).to(ctx.device))
     row = {
         "method": acfg.method,
         "sensitivity": acfg.sensitivity,

@@ -72,8 +72,8 @@ def train_resumably(ctx: StageContext, train: TrainLoop, *, state_file: str, tot
         ctx.report_progress(done, total, "epochs")
         eta = (time.perf_counter() - t0) / max(1, done - first) * (total - done)
         log.info(
-            "%s: epoch %d/%d done, train loss %.4f, eval acc %.4f (ETA %.0fs)",
-            ctx.stage, done, total, rec.train_loss, rec.eval_acc, eta,
+            "%s: epoch %d/%d done, train loss %.4f, eval loss %.4f, acc %.4f (ETA %.0fs)",
+            ctx.stage, done, total, rec.train_loss, rec.eval_loss, rec.eval_acc, eta,
         )  # fmt: skip
         ctx.pause(f"epoch:{done}")
 

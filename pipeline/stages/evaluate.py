@@ -12,7 +12,7 @@ import math
 
 import pyarrow as pa
 
-from hawq import evaluate, size_summary
+from hawq import size_summary
 from hawq.quant.modules import calibrate_
 from pipeline.stages.artifacts import (
     calibration_inputs,
@@ -41,20 +41,18 @@ def _ptq(ctx: StageContext) -> tuple[float, float]:
     """Accuracy with every block quantized at once, activation ranges calibrated, no training."""
     model = quantized_float_model(ctx)
     calibrate_(model, calibration_inputs(ctx))
-    return evaluate(model, (ctx.data.eval_x, ctx.data.eval_y), batch_size=ctx.cfg.data.batch_size)
+    return ctx.evaluate(model)
 
 
 def run(ctx: StageContext) -> None:
     """Evaluate the final model; tabulate accuracy along the way."""
-    bs = ctx.cfg.data.batch_size
-    evald = (ctx.data.eval_x, ctx.data.eval_y)
     bit_config = load_bit_config(ctx)
     float_model = ctx.float_model()
-    example = ctx.data.eval_x[:1].to(ctx.device)
+    example = ctx.data.example(1).to(ctx.device)
     q_size = size_summary(float_model, bit_config, example)
     nan = math.nan
     rows = []
-    fl, fa = evaluate(float_model, evald, batch_size=bs)
+    fl, fa = ctx.evaluate(float_model)
     rows.append(("float", -1, "", fl, fa, q_size["float_size_mb"], 1.0))
     pl, pa_ = _ptq(ctx)
     rows.append(("ptq", -1, "all", pl, pa_, q_size["size_mb"], q_size["weight_compression"]))
@@ -68,14 +66,17 @@ def run(ctx: StageContext) -> None:
         r = last[s]
         rows.append(("finetune", s, ",".join(blocks), r["eval_loss"], r["eval_acc"], nan, nan))
     model = quantized_model(ctx)
-    loss, acc = evaluate(model, evald, batch_size=bs)
+    loss, acc = ctx.evaluate(model)
     rows.append(("final", -1, "all", loss, acc, q_size["size_mb"], q_size["weight_compression"]))
     names = METRICS_SCHEMA.names
     table = pa.Table.from_pylist([dict(zip(names, r, strict=True)) for r in rows], METRICS_SCHEMA)
     ctx.write_table("metrics.parquet", table)
+    metric, final, fl_, ptq = (
+        ("loss", loss, fl, pl) if math.isnan(acc) else ("accuracy", acc, fa, pa_)
+    )
     log.info(
-        "final accuracy %.4f (float %.4f, PTQ %.4f) at %.4g MB, weight compression %.3gx",
-        acc, fa, pa_, q_size["size_mb"], q_size["weight_compression"],
+        "final %s %.4f (float %.4f, PTQ %.4f) at %.4g MB, weight compression %.3gx",
+        metric, final, fl_, ptq, q_size["size_mb"], q_size["weight_compression"],
     )  # fmt: skip
 
 
