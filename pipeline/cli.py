@@ -1,4 +1,4 @@
-"""The ``hawq`` command: run, resume, status, report, export.
+"""The ``hawq`` command: run, config, resume, status, report, export.
 
 Exit codes: 0 ok; 2 bad input (config, data, checkpoint, run dir, arguments), with a one-line
 message on stderr that names the problem and the fix; 1 an unexpected error (traceback).
@@ -84,6 +84,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--until", metavar="STAGE", help="stop after this stage")
 
+    c = command("config", "print a resolved config, or every config key").add_subparsers(
+        dest="config_command", required=True, metavar="WHAT"
+    )
+    r = c.add_parser("show", help="the config with every default filled in (YAML)")
+    r.add_argument("config", help="YAML config file")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (repeatable)")  # fmt: skip
+    r = c.add_parser("schema", help="every key: type, default, allowed values, meaning")
+    r.add_argument("--markdown", action="store_true", help="as docs/config.md")
+
     r = command("resume", "continue a run from its run dir")
     r.add_argument("run_dir")
     r.add_argument("--until", metavar="STAGE", help="stop after this stage")
@@ -136,6 +146,17 @@ def _print_outcome(outcome) -> None:
     headers = ["stage", "action", "seconds", "key", "why"]
     print(format_table(f"Run {outcome.run_dir}", headers, rows))
     print(f"\nNext: hawq report {outcome.run_dir}")
+
+
+def _cmd_config(args: argparse.Namespace) -> None:
+    if args.config_command == "show":
+        from pipeline.config import config_to_yaml, load_config
+
+        print(config_to_yaml(load_config(args.config, args.overrides)), end="")
+    else:
+        from pipeline.config.schema import schema_markdown, schema_text
+
+        print(schema_markdown() if args.markdown else schema_text(), end="")
 
 
 def _cmd_status(run_dir: str) -> None:
@@ -201,6 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _check_until(args.until)
             outcome = resume(args.run_dir, progress=progress, until=args.until, repair=args.repair)
             _print_outcome(outcome)
+        elif args.command == "config":
+            _cmd_config(args)
         elif args.command == "status":
             _cmd_status(args.run_dir)
         elif args.command == "report":
@@ -217,7 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hawq: interrupted; continue with `hawq resume RUN_DIR`", file=sys.stderr)
         return 130
-    log.info("%s finished in %.1fs", args.command, time.perf_counter() - t0)
+    if args.command != "config":
+        log.info("%s finished in %.1fs", args.command, time.perf_counter() - t0)
     return EXIT_OK
 
 
