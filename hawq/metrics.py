@@ -20,7 +20,7 @@ Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 Data = tuple[torch.Tensor, torch.Tensor] | Callable[[torch.Generator], Batches]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-__all__ = ["Data", "LossFn", "batches", "count_correct", "evaluate", "task_loss"]
+__all__ = ["Data", "LossFn", "batches", "count_correct", "evaluate", "task_loss", "wilson_interval"]
 
 
 def _tensor_batches(
@@ -95,3 +95,15 @@ def evaluate(
     if n == 0:
         raise ValueError("evaluation data is empty")
     return loss / n, correct / total if classification and total else math.nan
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``successes / n`` (default 95%):
+    ``(p + z^2/2n -+ z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n)``; NaNs for n = 0 or NaN."""
+    if n <= 0 or math.isnan(successes):
+        return math.nan, math.nan
+    p = successes / n
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, center - half), min(1.0, center + half)

@@ -7,6 +7,8 @@ message on stderr that names the problem and the fix; 1 an unexpected error (tra
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import sys
 import time
@@ -103,10 +105,12 @@ def _parser() -> argparse.ArgumentParser:
 
     r = command("status", "stages done / running / pending, and what runs next")
     r.add_argument("run_dir")
+    r.add_argument("--json", action="store_true", help="as JSON, with the run summary")
 
-    r = command("report", "tables on the terminal and PNG plots")
+    r = command("report", "tables, PNG plots and report.html")
     r.add_argument("run_dir")
-    r.add_argument("--out", help="folder for the PNGs (default: RUN_DIR/report)")
+    r.add_argument("--out", help="folder for the PNGs and report.html (default: RUN_DIR/report)")
+    r.add_argument("--json", action="store_true", help="the summary and tables as JSON only")
 
     r = command("export", "finish the run through export; copy the integer model")
     r.add_argument("run_dir")
@@ -159,11 +163,20 @@ def _cmd_config(args: argparse.Namespace) -> None:
         print(schema_markdown() if args.markdown else schema_text(), end="")
 
 
-def _cmd_status(run_dir: str) -> None:
+def _cmd_status(run_dir: str, as_json: bool) -> None:
     from pipeline.report import format_table
     from pipeline.scheduler import status
 
     rows, nxt = status(run_dir)
+    if as_json:
+        from pipeline.run_summary import json_ready, run_summary
+        from pipeline.store import RunStore
+
+        stages = [dataclasses.asdict(r) for r in rows]
+        summary = run_summary(RunStore(Path(run_dir)))
+        out = {"run_dir": run_dir, "stages": stages, "next": nxt, "summary": summary}
+        print(json.dumps(json_ready(out), indent=2))
+        return
     table = [[r.stage, r.state, r.progress, r.seconds, r.summary] for r in rows]
     print(format_table(f"Run {run_dir}", ["stage", "state", "progress", "seconds", "what"], table))
     running = [r for r in rows if r.state == "running"]
@@ -225,13 +238,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "config":
             _cmd_config(args)
         elif args.command == "status":
-            _cmd_status(args.run_dir)
+            _cmd_status(args.run_dir, args.json)
         elif args.command == "report":
             from pipeline.report import report
             from pipeline.scheduler import load_run_config
 
             load_run_config(args.run_dir)  # a clear error for a wrong path
-            print(report(args.run_dir, args.out))
+            if args.json:
+                from pipeline.report import report_json
+
+                print(json.dumps(report_json(args.run_dir), indent=2))
+            else:
+                print(report(args.run_dir, args.out))
         elif args.command == "export":
             _cmd_export(args.run_dir, args.out, progress)
     except (ConfigError, StoreError, _BadArgs, MissingExtra) as exc:

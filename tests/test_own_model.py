@@ -142,3 +142,28 @@ def test_streamed_batches_equal_the_tensor_path() -> None:
             assert torch.equal(xa, xb) and torch.equal(ya, yb)
     evald = list(data.eval_data(20)(torch.Generator()))
     assert torch.equal(torch.cat([b for b, _ in evald]), x)
+
+
+def test_own_model_report_shows_the_loss(local_run: Path) -> None:
+    from pipeline.report import plot_data, report
+    from pipeline.store import RunStore
+
+    text = report(local_run)
+    assert (local_run / "report/report.html").exists() and "loss" in text
+    d = plot_data(RunStore(local_run))["accuracy"]
+    metrics = pq.read_table(local_run / "stages/evaluate/metrics.parquet").to_pylist()
+    assert d.metric == "loss" and d.values == [r["eval_loss"] for r in metrics]
+    assert d.ylim[0] <= min(d.values) and max(d.values) <= d.ylim[1]
+
+
+def test_library_route_runs() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLE / "library.py")], env=example_env(), capture_output=True,
+        text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    float_loss = float(lines[0].split(":")[1])
+    assert lines[1].startswith("bits {") and "'conv1': 8" in lines[1]
+    quantized_loss = float(lines[1].rsplit(" ", 1)[1])
+    assert quantized_loss < 2 * float_loss < 0.3
