@@ -9,14 +9,13 @@ the log says which setting changed. ``hawq resume DIR`` is ``run`` with ``DIR/co
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from pipeline.atomic import (
 from pipeline.config import ConfigError, RunConfig, config_to_yaml, load_config
 from pipeline.data import DataBundle, load_data
 from pipeline.data_factory import FactoryData
+from pipeline.run_log import LOG_FILE, log_to_file
 from pipeline.run_summary import write_run_summary
 from pipeline.stages import STAGES, StageContext, stage_by_name
 from pipeline.stages.base import Params, resolve_device
@@ -48,54 +48,6 @@ from pipeline.validate import (
 )
 
 log = logging.getLogger(__name__)
-
-LOG_FILE = "hawq.log"  # the run's log, appended by every run / resume of the run dir
-
-
-class _AsBefore(logging.Filter):
-    """Drops the records that the logging set-up before ``log_to_file`` would have dropped."""
-
-    def __init__(self, root_level: int) -> None:
-        super().__init__()
-        self.root_level = root_level
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        logger: logging.Logger | None = logging.getLogger(record.name)
-        while logger is not None and logger is not logging.root and not logger.level:
-            logger = logger.parent
-        level = logger.level if logger is not None and logger is not logging.root else 0
-        return record.levelno >= (level or self.root_level)
-
-
-@contextlib.contextmanager
-def log_to_file(path: Path) -> Iterator[None]:
-    """Append the log at INFO and above to ``path`` meanwhile; other handlers see no change.
-
-    When the root logger is above INFO (e.g. ``-q``), it is lowered to INFO for the file and the
-    other root handlers get a filter that drops what they would not have seen before.
-    """
-    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
-    handler.setLevel(logging.INFO)
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
-    )
-    root = logging.getLogger()
-    old_level, others = root.level, list(root.handlers)
-    as_before = _AsBefore(old_level)
-    if old_level > logging.INFO:
-        for h in others:
-            h.addFilter(as_before)
-        root.setLevel(logging.INFO)
-    root.addHandler(handler)
-    try:
-        yield
-    finally:
-        root.removeHandler(handler)
-        handler.close()
-        root.setLevel(old_level)
-        for h in others:
-            h.removeFilter(as_before)
-
 
 __all__ = [
     "Prepared",
