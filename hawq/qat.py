@@ -159,6 +159,11 @@ def _loss(cfg: QATConfig, out, y, t_out: torch.Tensor | None, loss_fn: LossFn | 
     return cfg.alpha * temp * temp * kl + (1.0 - cfg.alpha) * ce
 
 
+def _num(value: float | None) -> str:
+    """Log text of a metric: '-' when it is missing or undefined (NaN accuracy)."""
+    return "-" if value is None or math.isnan(value) else f"{value:.4f}"
+
+
 def _stage_modules(stages: Sequence[Sequence[str]], upto: int) -> list[str]:
     return [n for st in stages[:upto] for n in st]
 
@@ -307,11 +312,10 @@ def _train(
                     model, opt, train_data, eval_data, config, teacher, loss_fn, dev, (s, e, g)
                 )
                 history.append(rec)
-                ev = "-" if rec.eval_acc is None else f"{rec.eval_acc:.4f}"
                 logger.info(
-                    "qat stage %d/%d epoch %d/%d lr %.4g loss %.4f acc %.4f eval acc %s",
+                    "qat stage %d/%d epoch %d/%d lr %.4g loss %.4f (eval %s) acc %s (eval %s)",
                     *(s + 1, len(stages), e + 1, config.epochs, rec.lr, rec.train_loss),
-                    *(rec.train_acc, ev),
+                    *(_num(rec.eval_loss), _num(rec.train_acc), _num(rec.eval_acc)),
                 )
                 if on_epoch_end is not None:
                     meta = {
