@@ -7,7 +7,8 @@ optimizer, evaluating after each. Per-epoch LR within a stage (e = 0..E-1):
 cosine ``lr * (1 + cos(pi e / E)) / 2``; step ``lr * gamma^(e // step_size)``; constant ``lr``.
 ``train_float`` runs the same loop on a float model (one stage that quantizes nothing).
 
-Loss: ``ce`` = cross-entropy; ``distill`` = ``alpha * T^2 * KL(p_t^T || p_s^T) +
+Loss: ``ce`` = the task loss (cross-entropy on logits, or ``loss_fn(output, target)`` for
+other tasks, see :mod:`hawq.metrics`); ``distill`` = ``alpha * T^2 * KL(p_t^T || p_s^T) +
 (1 - alpha) * CE`` against a frozen float teacher (by default a copy of ``model`` as passed).
 
 Determinism: epoch ``g`` (counted over all stages) shuffles with a ``torch.Generator`` seeded
@@ -23,7 +24,7 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hawq.metrics import Data, LossFn, batches, count_correct, evaluate, task_loss
 from hawq.quant.bitconfig import BitConfig
 from hawq.quant.modules import quantize_, quantized_modules
 from hawq.seeding import derive_seed
@@ -39,8 +41,6 @@ from hawq.validation import check_int, check_number, check_seed
 logger = logging.getLogger(__name__)
 
 STATE_FORMAT = "hawq.qat/1"
-Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
-Data = tuple[torch.Tensor, torch.Tensor] | Callable[[torch.Generator], Batches]
 
 __all__ = [
     "STATE_FORMAT",
@@ -140,56 +140,13 @@ class QATState:
     meta: dict[str, Any]
 
 
-def _tensor_batches(
-    data: tuple[torch.Tensor, torch.Tensor],
-    batch_size: int,
-    generator: torch.Generator | None,
-    drop_last: bool = False,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    x, y = data
-    n = x.shape[0]
-    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-    for i in range(0, n - n % batch_size if drop_last else n, batch_size):
-        j = order[i : i + batch_size]
-        yield x[j], y[j]
-
-
-def _batches(data: Data, batch_size: int, gen: torch.Generator, shuffle: bool, drop_last: bool):
-    if callable(data):
-        return data(gen)
-    if not (isinstance(data, tuple | list) and len(data) == 2):
-        raise ValueError("data must be a tuple (X, y) of tensors or a callable(generator)")
-    return _tensor_batches(tuple(data), batch_size, gen if shuffle else None, drop_last)
-
-
 def _device(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, data: Data, *, batch_size: int = 512) -> tuple[float, float]:
-    """Mean cross-entropy and top-1 accuracy of ``model`` in eval mode (mode restored)."""
-    was = model.training
-    model.eval()
-    dev = _device(model)
-    loss, correct, n = 0.0, 0, 0
-    try:
-        for xb, yb in _batches(data, batch_size, torch.Generator(), False, False):
-            xb, yb = xb.to(dev), yb.to(dev)
-            out = model(xb)
-            loss += F.cross_entropy(out, yb, reduction="sum").item()
-            correct += int((out.argmax(1) == yb).sum())
-            n += yb.shape[0]
-    finally:
-        model.train(was)
-    if n == 0:
-        raise ValueError("evaluation data is empty")
-    return loss / n, correct / n
-
-
-def _loss(cfg: QATConfig, out: torch.Tensor, y: torch.Tensor, t_out: torch.Tensor | None):
-    ce = F.cross_entropy(out, y)
+def _loss(cfg: QATConfig, out, y, t_out: torch.Tensor | None, loss_fn: LossFn | None):
+    ce = task_loss(out, y, loss_fn)
     if cfg.loss == "ce" or t_out is None:
         return ce
     temp = cfg.temperature
@@ -200,6 +157,11 @@ def _loss(cfg: QATConfig, out: torch.Tensor, y: torch.Tensor, t_out: torch.Tenso
         log_target=True,
     )
     return cfg.alpha * temp * temp * kl + (1.0 - cfg.alpha) * ce
+
+
+def _num(value: float | None) -> str:
+    """Log text of a metric: '-' when it is missing or undefined (NaN accuracy)."""
+    return "-" if value is None or math.isnan(value) else f"{value:.4f}"
 
 
 def _stage_modules(stages: Sequence[Sequence[str]], upto: int) -> list[str]:
@@ -254,6 +216,7 @@ def run_qat(
     state: QATState | None = None,
     teacher: nn.Module | None = None,
     on_epoch_end: Callable[[EpochRecord, QATState], bool | None] | None = None,
+    loss_fn: LossFn | None = None,
 ) -> list[EpochRecord]:
     """Block-wise QAT of ``model`` in place; returns all epoch records (resumed ones included).
 
@@ -263,6 +226,7 @@ def run_qat(
     only to tensors). To resume, pass a *float* model built as for the original run plus
     ``state``.
     ``on_epoch_end(record, state)`` runs after every epoch; returning True stops the run.
+    ``loss_fn(output, target)``: the task loss (default cross-entropy; see :mod:`hawq.metrics`).
     """
     stages = [list(s) for s in stages]
     if not stages or any(not s for s in stages):
@@ -270,6 +234,7 @@ def run_qat(
     return _train(
         model, stages, train_data, eval_data, config,
         bit_config=bit_config, state=state, teacher=teacher, on_epoch_end=on_epoch_end,
+        loss_fn=loss_fn,
     )  # fmt: skip
 
 
@@ -281,6 +246,7 @@ def train_float(
     *,
     state: QATState | None = None,
     on_epoch_end: Callable[[EpochRecord, QATState], bool | None] | None = None,
+    loss_fn: LossFn | None = None,
 ) -> list[EpochRecord]:
     """Train a float ``model`` in place for ``config.epochs`` epochs: the QAT loop, unquantized.
 
@@ -291,7 +257,7 @@ def train_float(
         raise ValueError(f"float training has no teacher: loss must be 'ce', got {config.loss!r}")
     return _train(
         model, [[]], train_data, eval_data, config,
-        bit_config=None, state=state, teacher=None, on_epoch_end=on_epoch_end,
+        bit_config=None, state=state, teacher=None, on_epoch_end=on_epoch_end, loss_fn=loss_fn,
     )  # fmt: skip
 
 
@@ -306,6 +272,7 @@ def _train(
     state: QATState | None,
     teacher: nn.Module | None,
     on_epoch_end: Callable[[EpochRecord, QATState], bool | None] | None,
+    loss_fn: LossFn | None,
 ) -> list[EpochRecord]:
     """The loop of :func:`run_qat` / :func:`train_float` (``bit_config=None``: no quantization)."""
     if config.loss == "distill":
@@ -341,13 +308,14 @@ def _train(
                 opt_state = None
             for e in range(epoch0 if s == stage0 else 0, config.epochs):
                 g = s * config.epochs + e
-                rec = _train_epoch(model, opt, train_data, eval_data, config, teacher, dev, s, e, g)
+                rec = _train_epoch(
+                    model, opt, train_data, eval_data, config, teacher, loss_fn, dev, (s, e, g)
+                )
                 history.append(rec)
-                ev = "-" if rec.eval_acc is None else f"{rec.eval_acc:.4f}"
                 logger.info(
-                    "qat stage %d/%d epoch %d/%d lr %.4g loss %.4f acc %.4f eval acc %s",
+                    "qat stage %d/%d epoch %d/%d lr %.4g loss %.4f (eval %s) acc %s (eval %s)",
                     *(s + 1, len(stages), e + 1, config.epochs, rec.lr, rec.train_loss),
-                    *(rec.train_acc, ev),
+                    *(_num(rec.eval_loss), _num(rec.train_acc), _num(rec.eval_acc)),
                 )
                 if on_epoch_end is not None:
                     meta = {
@@ -362,34 +330,42 @@ def _train(
     return history
 
 
-def _train_epoch(model, opt, train_data, eval_data, cfg, teacher, dev, s, e, g) -> EpochRecord:
+def _train_epoch(
+    model, opt, train_data, eval_data, cfg, teacher, loss_fn, dev, where
+) -> EpochRecord:
+    s, e, g = where
     t0 = time.perf_counter()
     lr = cfg.lr_at(e)
     for group in opt.param_groups:
         group["lr"] = lr
     gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "qat-data", g))
     model.train()
-    tot, correct, n = 0.0, 0, 0
-    for xb, yb in _batches(train_data, cfg.batch_size, gen, True, cfg.drop_last):
+    tot, correct, total, n, classification = 0.0, 0, 0, 0, True
+    for xb, yb in batches(train_data, cfg.batch_size, gen, True, cfg.drop_last):
         xb, yb = xb.to(dev), yb.to(dev)
         out = model(xb)
         t_out = None
         if teacher is not None and cfg.loss == "distill":
             with torch.no_grad():
                 t_out = teacher(xb)
-        loss = _loss(cfg, out, yb, t_out)
+        loss = _loss(cfg, out, yb, t_out, loss_fn)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         b = yb.shape[0]
         tot += loss.item() * b
-        correct += int((out.detach().argmax(1) == yb).sum())
+        counts = count_correct(out, yb)
+        classification = classification and counts is not None
+        if counts is not None:
+            correct, total = correct + counts[0], total + counts[1]
         n += b
     if n == 0:
         raise ValueError("training data is empty")
     ev_loss = ev_acc = None
     if eval_data is not None:
-        ev_loss, ev_acc = evaluate(model, eval_data, batch_size=cfg.eval_batch_size)
+        ev_loss, ev_acc = evaluate(
+            model, eval_data, batch_size=cfg.eval_batch_size, loss_fn=loss_fn
+        )
     nq = len(quantized_modules(model))
     return EpochRecord(
         stage=s,
@@ -397,7 +373,7 @@ def _train_epoch(model, opt, train_data, eval_data, cfg, teacher, dev, s, e, g) 
         global_epoch=g,
         lr=lr,
         train_loss=tot / n,
-        train_acc=correct / n,
+        train_acc=correct / total if classification and total else math.nan,
         eval_loss=ev_loss,
         eval_acc=ev_acc,
         n_quantized=nq,

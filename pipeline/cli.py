@@ -1,4 +1,4 @@
-"""The ``hawq`` command: run, resume, status, report, export.
+"""The ``hawq`` command: run, config, resume, status, report, export.
 
 Exit codes: 0 ok; 2 bad input (config, data, checkpoint, run dir, arguments), with a one-line
 message on stderr that names the problem and the fix; 1 an unexpected error (traceback).
@@ -7,6 +7,8 @@ message on stderr that names the problem and the fix; 1 an unexpected error (tra
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import sys
 import time
@@ -84,6 +86,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--until", metavar="STAGE", help="stop after this stage")
 
+    c = command("config", "print a resolved config, or every config key").add_subparsers(
+        dest="config_command", required=True, metavar="WHAT"
+    )
+    r = c.add_parser("show", help="the config with every default filled in (YAML)")
+    r.add_argument("config", help="YAML config file")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (repeatable)")  # fmt: skip
+    r = c.add_parser("schema", help="every key: type, default, allowed values, meaning")
+    r.add_argument("--markdown", action="store_true", help="as docs/config.md")
+
     r = command("resume", "continue a run from its run dir")
     r.add_argument("run_dir")
     r.add_argument("--until", metavar="STAGE", help="stop after this stage")
@@ -93,10 +105,12 @@ def _parser() -> argparse.ArgumentParser:
 
     r = command("status", "stages done / running / pending, and what runs next")
     r.add_argument("run_dir")
+    r.add_argument("--json", action="store_true", help="as JSON, with the run summary")
 
-    r = command("report", "tables on the terminal and PNG plots")
+    r = command("report", "tables, PNG plots and report.html")
     r.add_argument("run_dir")
-    r.add_argument("--out", help="folder for the PNGs (default: RUN_DIR/report)")
+    r.add_argument("--out", help="folder for the PNGs and report.html (default: RUN_DIR/report)")
+    r.add_argument("--json", action="store_true", help="the summary and tables as JSON only")
 
     r = command("export", "export a finished run (safetensors or ONNX)")
     r.add_argument("run_dir")
@@ -141,11 +155,31 @@ def _print_outcome(outcome) -> None:
     print(f"\nNext: hawq report {outcome.run_dir}")
 
 
-def _cmd_status(run_dir: str) -> None:
+def _cmd_config(args: argparse.Namespace) -> None:
+    if args.config_command == "show":
+        from pipeline.config import config_to_yaml, load_config
+
+        print(config_to_yaml(load_config(args.config, args.overrides)), end="")
+    else:
+        from pipeline.config.schema import schema_markdown, schema_text
+
+        print(schema_markdown() if args.markdown else schema_text(), end="")
+
+
+def _cmd_status(run_dir: str, as_json: bool) -> None:
     from pipeline.report import format_table
     from pipeline.scheduler import status
 
     rows, nxt = status(run_dir)
+    if as_json:
+        from pipeline.run_summary import json_ready, run_summary
+        from pipeline.store import RunStore
+
+        stages = [dataclasses.asdict(r) for r in rows]
+        summary = run_summary(RunStore(Path(run_dir)))
+        out = {"run_dir": run_dir, "stages": stages, "next": nxt, "summary": summary}
+        print(json.dumps(json_ready(out), indent=2))
+        return
     table = [[r.stage, r.state, r.progress, r.seconds, r.summary] for r in rows]
     print(format_table(f"Run {run_dir}", ["stage", "state", "progress", "seconds", "what"], table))
     running = [r for r in rows if r.state == "running"]
@@ -221,14 +255,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             _check_until(args.until)
             outcome = resume(args.run_dir, progress=progress, until=args.until, repair=args.repair)
             _print_outcome(outcome)
+        elif args.command == "config":
+            _cmd_config(args)
         elif args.command == "status":
-            _cmd_status(args.run_dir)
+            _cmd_status(args.run_dir, args.json)
         elif args.command == "report":
             from pipeline.report import report
             from pipeline.scheduler import load_run_config
 
             load_run_config(args.run_dir)  # a clear error for a wrong path
-            print(report(args.run_dir, args.out))
+            if args.json:
+                from pipeline.report import report_json
+
+                print(json.dumps(report_json(args.run_dir), indent=2))
+            else:
+                print(report(args.run_dir, args.out))
         elif args.command == "export":
             _cmd_export(args, progress)
     except (ConfigError, StoreError, _BadArgs, MissingExtra) as exc:
@@ -237,7 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hawq: interrupted; continue with `hawq resume RUN_DIR`", file=sys.stderr)
         return 130
-    log.info("%s finished in %.1fs", args.command, time.perf_counter() - t0)
+    if args.command != "config":
+        log.info("%s finished in %.1fs", args.command, time.perf_counter() - t0)
     return EXIT_OK
 
 

@@ -12,13 +12,17 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from pipeline.config.sections import DataConfig, ModelConfig
+
+if TYPE_CHECKING:
+    from pipeline.data_factory import FactoryData
 from pipeline.config.strict import ConfigError
 from pipeline.data_sources import (
     Source,
@@ -32,8 +36,10 @@ from pipeline.data_sources import (
 )
 
 __all__ = [
+    "Data",
     "DataBundle",
     "check_model_fits",
+    "load_builtin",
     "load_data",
     "read_idx",
     "IMAGENET_MEAN",
@@ -48,6 +54,7 @@ HOLDOUT_FRACTION = 0.2  # evaluation share of datasets without a test split
 _AUTO_NORM = {"cifar10": "imagenet", "imagefolder": "imagenet", "synthetic": "none"}
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+Data = tuple[torch.Tensor, torch.Tensor] | Callable[[torch.Generator], Iterable[Batch]]
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -79,6 +86,25 @@ class DataBundle:
     @property
     def hessian_samples(self) -> int:
         return sum(len(y) for _, y in self.hessian)
+
+    @property
+    def n_eval(self) -> int:
+        """Evaluation samples."""
+        return len(self.eval_y)
+
+    def train_data(self, batch_size: int) -> Data:
+        """The fine-tuning set as the hawq training loop takes it (tensors; it cuts batches)."""
+        del batch_size  # the loop cuts tensors with its own batch size
+        return self.train_x, self.train_y
+
+    def eval_data(self, batch_size: int) -> Data:
+        """The evaluation set as ``hawq.evaluate`` and the training loop take it."""
+        del batch_size
+        return self.eval_x, self.eval_y
+
+    def example(self, n: int = 1) -> torch.Tensor:
+        """The first ``n`` evaluation inputs (shape probes, size and BOPs counts)."""
+        return self.eval_x[:n]
 
     def train_batches(self, batch_size: int, *, seed: int, epoch: int = 0) -> Iterator[Batch]:
         """Shuffled fine-tuning batches; the order is a pure function of (seed, epoch)."""
@@ -196,8 +222,20 @@ def _fingerprint(name: str, parts: dict[str, torch.Tensor], meta: tuple) -> str:
     return f"{name}-{sizes}-{h.hexdigest()[:16]}"
 
 
-def load_data(cfg: DataConfig) -> DataBundle:
-    """Read the dataset ``cfg`` names and split it; bad paths or sizes fail before decoding."""
+def load_data(cfg: DataConfig) -> DataBundle | FactoryData:
+    """The data ``cfg`` names: a built-in dataset split into tensors, or the user's factory's
+    datasets (streamed, see :mod:`pipeline.data_factory`)."""
+    if cfg.factory is not None:
+        from pipeline.data_factory import load_factory_data
+
+        return load_factory_data(cfg)
+    return load_builtin(cfg)
+
+
+def load_builtin(cfg: DataConfig) -> DataBundle:
+    """Read the built-in dataset ``cfg`` names and split it; bad paths or sizes fail before
+    decoding."""
+    assert cfg.name is not None  # DataConfig.check: name or factory
     src = _read(cfg)
     pool, eval_idx, eval_from_train = _splits(cfg, src)
     n_load = _check_sizes(cfg, src, pool, len(eval_idx))

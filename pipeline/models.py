@@ -12,7 +12,6 @@ module-level function) that a Ray worker can call; it builds the architecture on
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
 import logging
 import os
@@ -25,9 +24,11 @@ from torch import nn
 
 from pipeline.config.sections import ModelConfig, RunConfig
 from pipeline.config.strict import ConfigError
+from pipeline.user_code import import_callable
 
 __all__ = [
     "MLP",
+    "LossFn",
     "SmallCNN",
     "build_model",
     "construct_model",
@@ -35,6 +36,7 @@ __all__ = [
     "loss_fn_for",
     "model_factory",
     "read_state_dict",
+    "task_loss_fn",
 ]
 
 logger = logging.getLogger(__name__)
@@ -93,24 +95,6 @@ def _kwargs_error(name: str, exc: Exception) -> ConfigError:
     return ConfigError("model.kwargs", f"{name} rejected the kwargs: {exc}")
 
 
-def _resolve_import(name: str) -> Callable[..., Any]:
-    module_name, _, attr = name.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:  # noqa: BLE001 - any import failure gets the same clear message
-        raise ConfigError(
-            "model.name",
-            f"cannot import module {module_name!r} ({type(exc).__name__}: {exc}); check the "
-            "spelling and that its package is installed or on PYTHONPATH",
-        ) from None
-    factory = getattr(module, attr, None)
-    if factory is None or not callable(factory):
-        raise ConfigError(
-            "model.name", f"module {module_name!r} has no callable {attr!r}; check the name"
-        )
-    return factory
-
-
 def _torchvision() -> Any:
     try:
         import torchvision
@@ -150,7 +134,7 @@ def construct_model(
             return _build_torchvision(
                 name.removeprefix("torchvision:"), num_classes, in_channels, kwargs
             )
-        factory = _resolve_import(name)
+        factory = import_callable("model.name", name)
     except TypeError as exc:
         raise _kwargs_error(name, exc) from None
     try:
@@ -194,7 +178,7 @@ def model_factory(cfg: ModelConfig) -> Callable[[], nn.Module]:
     if cfg.name.startswith("torchvision:"):
         _torchvision()
     elif ":" in cfg.name:
-        _resolve_import(cfg.name)
+        import_callable("model.name", cfg.name)
     return functools.partial(
         construct_model,
         cfg.name,
@@ -292,7 +276,15 @@ def load_checkpoint(
     return model
 
 
-def loss_fn_for(cfg: RunConfig | ModelConfig) -> nn.Module:
-    """The task loss (cross-entropy on logits); picklable, for the Hessian and training stages."""
-    del cfg  # every supported task is classification
-    return nn.CrossEntropyLoss()
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def task_loss_fn(cfg: RunConfig | ModelConfig) -> LossFn | None:
+    """The config's ``loss`` function, or None for cross-entropy on logits (hawq's default)."""
+    path = getattr(cfg, "loss", None)  # a ModelConfig alone means classification
+    return None if path is None else import_callable("loss", path)
+
+
+def loss_fn_for(cfg: RunConfig | ModelConfig) -> LossFn:
+    """The task loss for the Hessian: ``loss`` or cross-entropy; picklable (by reference)."""
+    return task_loss_fn(cfg) or nn.CrossEntropyLoss()

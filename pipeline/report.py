@@ -1,25 +1,35 @@
-"""``hawq report``: terminal tables and PNG plots, read from the run dir alone.
+"""``hawq report``: terminal tables, PNG plots and one self-contained ``report.html``.
 
-Tables: stages, per-block sensitivities with bits and order, the allocation, accuracy per
-phase. Plots (matplotlib, Agg): ``sensitivity.png`` (eigenvalue and trace with standard-error
-bars per block), ``bits.png`` (bits per layer), ``pareto.png`` (size vs. total Omega with the
-chosen point), ``accuracy.png`` (accuracy after each fine-tuning stage vs. float and PTQ).
-Whatever a partial run has not produced yet is left out.
+Read from the run dir alone. Tables: per-block sensitivity with the S the allocation used,
+W/A bits, pins, Omega and fine-tuning stage; the allocation; loss and accuracy (95% Wilson
+interval) per phase. Plots: see :mod:`pipeline.report_plots`. Column names are those of the
+stage files, explained in :data:`GLOSSARY` (the README's glossary). Whatever a partial run has
+not produced yet is left out.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import pyarrow as pa
-
-from hawq.optional import available, install_hint, require
-from pipeline.atomic import atomic_write_bytes, read_parquet
+from hawq import BitConfig
+from hawq.optional import available, install_hint
+from pipeline.atomic import atomic_write_bytes, atomic_write_text
+from pipeline.config import RunConfig, load_config
+from pipeline.report_html import render_html
+from pipeline.report_plots import (
+    accuracy_plot,
+    bits_plot,
+    pareto_plot,
+    png_bytes,
+    sensitivity_plot,
+)
+from pipeline.run_summary import json_ready, run_summary, stage_rows
 from pipeline.store import RunStore
 
 log = logging.getLogger(__name__)
@@ -62,207 +72,187 @@ def format_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[obj
     return "\n".join(out)
 
 
-def _table(store: RunStore, stage: str, name: str) -> pa.Table | None:
-    path = store.stage_dir(stage) / name
-    return read_parquet(path) if path.exists() else None
+GLOSSARY: dict[str, str] = {
+    "block": "a unit of the Hessian analysis and the allocation: one Conv/Linear layer "
+    "(hessian.grouping: layer) or a residual block; its modules share the weight bits",
+    "n_params": "parameters of the block (n_i)",
+    "eigenvalue": "top Hessian eigenvalue of the block (lambda_i)",
+    "trace": "Hutchinson estimate of the block's Hessian trace, ± its standard error "
+    "(trace_stderr)",
+    "sensitivity": "S_i, what the allocation ranks blocks by: trace / n_i or eigenvalue / n_i "
+    "(allocation.sensitivity)",
+    "weight_bits": "bits of the layer's weights (W)",
+    "act_bits": "bits of the layer's input activations (A)",
+    "pinned": "bits fixed by allocation.pin, not chosen by the allocation",
+    "omega": "Omega_i = S_i-weighted squared quantization error of the block's weights at its "
+    "bits; fine-tuning goes in descending Omega",
+    "ft_stage": "fine-tuning stage index (0-based) in which the block is quantized and trained; "
+    "not a pipeline stage (baseline, hessian, ...)",
+    "phase": "float = the baseline model; ptq = all blocks quantized, calibrated, no training; "
+    "finetune = after fine-tuning stage ft_stage; final = the fine-tuned quantized model",
+    "eval_acc": "top-1 accuracy on the evaluation set (NaN / '-' when the targets are not "
+    "classes); eval_acc_low .. eval_acc_high is its 95% Wilson interval on eval_samples",
+    "eval_loss": "mean task loss on the evaluation set (cross-entropy, or the config's loss)",
+    "size_mb": "model size in MB (2^20 bytes) with the allocated bits: quantized weights plus "
+    "everything kept in float (biases, BN, scales)",
+    "target_size_mb": "the size limit the allocation had to meet (allocation.size_limit_mb, or "
+    "allocation.compression converted to MB)",
+    "weight_compression": "32 * sum n / sum b n over Conv/Linear weights (the papers' W-Comp; "
+    "what allocation.compression targets)",
+    "activation_compression": "mean over Conv/Linear layers of 32 / act_bits (A-Comp)",
+    "model_compression": "float32 size of the whole model / size_mb",
+    "total_omega": "sum of the blocks' Omega_i: the second-order perturbation the allocation "
+    "minimises",
+    "bops": "bit operations per sample, sum_i MACs_i * weight_bits_i * act_bits_i (shown in GBOPs)",
+}
 
 
-def _save(fig, path: Path) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    atomic_write_bytes(path, buf.getvalue())
+@dataclass(frozen=True)
+class Table:
+    """A report table: the terminal and the HTML render the same cells."""
+
+    title: str
+    headers: list[str]
+    rows: list[list[object]]
+
+    def text(self) -> str:
+        return format_table(self.title, self.headers, self.rows)
 
 
-def tables(store: RunStore) -> list[str]:
-    """The report's terminal tables (those whose inputs exist)."""
-    out = []
-    sens = _table(store, "hessian", "sensitivity.parquet")
-    bits = _table(store, "allocate", "bits.parquet")
-    order = _table(store, "order", "order.parquet")
+def _bit_config(store: RunStore) -> BitConfig | None:
+    path = store.stage_dir("allocate") / "bit_config.yaml"
+    return BitConfig.from_yaml(path.read_text()) if path.exists() else None
+
+
+def _block_table(store: RunStore, cfg: RunConfig) -> Table | None:
+    sens = stage_rows(store, "hessian", "sensitivity.parquet")
+    if sens is None:
+        return None
+    bits = {r["block"]: r for r in stage_rows(store, "allocate", "bits.parquet") or []}
+    order = {r["block"]: r for r in stage_rows(store, "order", "order.parquet") or []}
+    bit_config = _bit_config(store)
+    pins = cfg.allocation.pin
+    rows = []
+    for r in sens:
+        b = bits.get(r["block"], {})
+        modules = b.get("modules", r["modules"])
+        act = bit_config.resolve(modules[0]).act if bit_config and b else None
+        trace = None if r["trace"] is None else fmt_pm(r["trace"], r["trace_stderr"])
+        pinned = ",".join(m for m in modules if m in pins)
+        ft_stage = order.get(r["block"], {}).get("ft_stage")
+        rows.append(
+            [r["block"], r["n_params"], r["eigenvalue"], trace, b.get("sensitivity"),
+             b.get("bits"), act, pinned, b.get("omega"), ft_stage]
+        )  # fmt: skip
+    headers = ["block", "n_params", "eigenvalue", "trace ± se", "sensitivity", "weight_bits",
+               "act_bits", "pinned", "omega", "ft_stage"]  # fmt: skip
+    title = f"Per-block sensitivity (S = {cfg.allocation.sensitivity} / n), bits and order"
+    return Table(title, headers, rows)
+
+
+def _allocation_table(store: RunStore) -> Table | None:
+    summary = stage_rows(store, "allocate", "summary.parquet")
+    if not summary:
+        return None
+    s = summary[0]
+    keys = ("method", "sensitivity", "size_mb", "target_size_mb", "float_size_mb",
+            "weight_compression", "activation_compression", "model_compression",
+            "total_omega")  # fmt: skip
+    rows = [[k, s[k]] for k in keys] + [["GBOPs", s["bops"] / 1e9]]
+    return Table("Allocation", ["quantity", "value"], rows)
+
+
+def _phase_table(store: RunStore) -> Table | None:
+    metrics = stage_rows(store, "evaluate", "metrics.parquet")
+    if metrics is None:
+        base = stage_rows(store, "baseline", "metrics.parquet")
+        if not base:
+            return None
+        r = base[0]
+        return Table(
+            "Baseline",
+            ["source", "epochs", "n_params", "eval_acc", "eval_loss"],
+            [[r["source"], r["epochs"], r["n_params"], r["eval_acc"], r["eval_loss"]]],
+        )
+    rows = []
+    for r in metrics:
+        ci = None
+        if not math.isnan(r["eval_acc"]):
+            ci = f"{fmt(r['eval_acc_low'])} .. {fmt(r['eval_acc_high'])}"
+        rows.append(
+            [r["phase"], r["ft_stage"] if r["ft_stage"] is not None else "", r["blocks"],
+             r["eval_acc"], ci, r["eval_loss"], r["size_mb"], r["weight_compression"]]
+        )  # fmt: skip
+    n = metrics[0]["eval_samples"]
+    headers = ["phase", "ft_stage", "blocks", "eval_acc", "95% interval", "eval_loss", "size_mb",
+               "weight_compression"]  # fmt: skip
+    return Table(f"Loss and accuracy per phase ({n} evaluation samples)", headers, rows)
+
+
+def tables(store: RunStore, cfg: RunConfig | None = None) -> list[Table]:
+    """The report's tables (those whose inputs exist)."""
+    cfg = cfg or load_config(store.config_path)
+    made = [_block_table(store, cfg), _allocation_table(store), _phase_table(store)]
+    return [t for t in made if t is not None]
+
+
+def plot_data(store: RunStore, cfg: RunConfig | None = None) -> dict[str, Any]:
+    """Plot name -> the data it shows (:mod:`pipeline.report_plots`), for existing inputs."""
+    cfg = cfg or load_config(store.config_path)
+    out: dict[str, Any] = {}
+    sens = stage_rows(store, "hessian", "sensitivity.parquet")
+    bits = stage_rows(store, "allocate", "bits.parquet")
     if sens is not None:
-        b = {r["block"]: r for r in bits.to_pylist()} if bits is not None else {}
-        o = {r["block"]: r for r in order.to_pylist()} if order is not None else {}
-        rows = []
-        for r in sens.to_pylist():
-            n = r["n_params"]
-            tr = r["trace"]
-            rows.append(
-                [
-                    r["block"],
-                    n,
-                    r["eigenvalue"],
-                    r["eigenvalue"] / n,
-                    None if tr is None else fmt_pm(tr, r["trace_stderr"]),
-                    None if tr is None else tr / n,
-                    b.get(r["block"], {}).get("bits"),
-                    o.get(r["block"], {}).get("omega"),
-                    o.get(r["block"], {}).get("stage"),
-                ]
-            )
-        out.append(
-            format_table(
-                "Per-block Hessian sensitivity, bits and fine-tuning order",
-                [
-                    "block",
-                    "params",
-                    "eigenvalue",
-                    "eig/n",
-                    "trace ± se",
-                    "trace/n",
-                    "bits",
-                    "omega",
-                    "ft stage",
-                ],
-                rows,
-            )  # fmt: skip
-        )
-    summary = _table(store, "allocate", "summary.parquet")
-    if summary is not None:
-        s = summary.to_pylist()[0]
-        out.append(
-            format_table(
-                "Allocation",
-                [
-                    "method",
-                    "sensitivity",
-                    "size MB",
-                    "float MB",
-                    "weight compr.",
-                    "total omega",
-                    "GBOPs",
-                    "float GBOPs",
-                ],
-                [
-                    [
-                        s["method"],
-                        s["sensitivity"],
-                        s["size_mb"],
-                        s["float_size_mb"],
-                        s["weight_compression"],
-                        s["total_omega"],
-                        s["bops"] / 1e9,
-                        s["float_bops"] / 1e9,
-                    ]
-                ],
-            )  # fmt: skip
-        )
-    metrics = _table(store, "evaluate", "metrics.parquet")
-    if metrics is not None:
-        rows = [
-            [r["phase"], r["stage"] if r["stage"] >= 0 else "", r["blocks"], r["eval_acc"],
-             r["eval_loss"], r["size_mb"], r["weight_compression"]]
-            for r in metrics.to_pylist()
-        ]  # fmt: skip
-        out.append(
-            format_table(
-                "Accuracy per phase (evaluation set)",
-                ["phase", "stage", "blocks", "accuracy", "loss", "size MB", "weight compr."],
-                rows,
-            )
-        )
-    else:
-        base = _table(store, "baseline", "metrics.parquet")
-        if base is not None:
-            r = base.to_pylist()[0]
-            out.append(
-                format_table(
-                    "Baseline",
-                    ["source", "epochs", "params", "accuracy", "loss"],
-                    [[r["source"], r["epochs"], r["n_params"], r["eval_acc"], r["eval_loss"]]],
-                )
-            )
+        out["sensitivity"] = sensitivity_plot(sens, bits, cfg.allocation.sensitivity)
+    bit_config = _bit_config(store)
+    if bits is not None and bit_config is not None:
+        out["bits"] = bits_plot(bits, bit_config, cfg.allocation.pin)
+    pareto = stage_rows(store, "allocate", "pareto.parquet")
+    if pareto:
+        summary = stage_rows(store, "allocate", "summary.parquet")
+        out["pareto"] = pareto_plot(pareto, summary[0] if summary else None)
+    metrics = stage_rows(store, "evaluate", "metrics.parquet")
+    if metrics:
+        out["accuracy"] = accuracy_plot(metrics)
     return out
 
 
-def plots(store: RunStore, out_dir: Path) -> list[Path]:
-    """Write the PNG plots whose inputs exist into ``out_dir``; return their paths."""
-    matplotlib = require("matplotlib", feature="the report's plots")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written = []
-    sens = _table(store, "hessian", "sensitivity.parquet")
-    if sens is not None:
-        d = sens.to_pydict()
-        x = range(len(d["block"]))
-        fig, axes = plt.subplots(2, 1, figsize=(max(6, 0.5 * len(x)), 6), sharex=True)
-        axes[0].bar(x, d["eigenvalue"], color="tab:blue")
-        axes[0].set_ylabel("top eigenvalue")
-        if any(t is not None for t in d["trace"]):
-            tr = [math.nan if t is None else t for t in d["trace"]]
-            se = [0.0 if s is None else s for s in d["trace_stderr"]]
-            axes[1].bar(x, tr, yerr=se, capsize=3, color="tab:orange")
-        axes[1].set_ylabel("trace (± s.e.)")
-        for ax, key in zip(axes, ("eigenvalue", "trace"), strict=True):
-            vals = [v for v in d[key] if v is not None]
-            if vals and min(vals) > 0 and max(vals) / min(vals) > 20:
-                ax.set_yscale("log")
-        axes[1].set_xticks(list(x), d["block"], rotation=60, ha="right", fontsize=8)
-        axes[0].set_title("Per-block Hessian sensitivity")
-        _save(fig, out_dir / "sensitivity.png")
-        plt.close(fig)
-        written.append(out_dir / "sensitivity.png")
-    bits = _table(store, "allocate", "bits.parquet")
-    if bits is not None:
-        d = bits.to_pydict()
-        fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(d["block"])), 3.5))
-        ax.bar(range(len(d["block"])), d["bits"], color="tab:green")
-        ax.set_xticks(range(len(d["block"])), d["block"], rotation=60, ha="right", fontsize=8)
-        ax.set_ylabel("weight bits")
-        ax.set_title("Bits per layer")
-        _save(fig, out_dir / "bits.png")
-        plt.close(fig)
-        written.append(out_dir / "bits.png")
-    pareto = _table(store, "allocate", "pareto.parquet")
-    summary = _table(store, "allocate", "summary.parquet")
-    if pareto is not None:
-        d = pareto.to_pydict()
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(d["size_mb"], d["total_omega"], "o-", color="tab:gray", label="frontier")
-        if summary is not None:
-            s = summary.to_pylist()[0]
-            ax.plot(s["size_mb"], s["total_omega"], "*", ms=16, color="tab:red", label="chosen")
-        ax.set_xlabel("model size (MB)")
-        ax.set_ylabel("total Omega")
-        ax.set_title("Size vs. second-order perturbation")
-        ax.legend()
-        _save(fig, out_dir / "pareto.png")
-        plt.close(fig)
-        written.append(out_dir / "pareto.png")
-    metrics = _table(store, "evaluate", "metrics.parquet")
-    if metrics is not None:
-        rows = metrics.to_pylist()
-        ft = [r for r in rows if r["phase"] == "finetune"]
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(range(1, len(ft) + 1), [100 * r["eval_acc"] for r in ft], "o-", label="QAT")
-        styles = {"float": "--", "ptq": ":"}
-        for r in rows:
-            if r["phase"] in styles:
-                ax.axhline(100 * r["eval_acc"], ls=styles[r["phase"]], color="k", label=r["phase"])
-        labels = [f"{i}\n{r['blocks']}" for i, r in enumerate(ft, 1)]
-        ax.set_xticks(range(1, len(ft) + 1), labels, fontsize=8)
-        ax.set_xlim(0.5, len(ft) + 0.5)
-        ax.set_xlabel("fine-tuning stage (blocks quantized in it)")
-        ax.set_ylabel("accuracy (%)")
-        ax.set_title("Accuracy after each fine-tuning stage")
-        ax.legend()
-        _save(fig, out_dir / "accuracy.png")
-        plt.close(fig)
-        written.append(out_dir / "accuracy.png")
-    return written
-
-
 def report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> str:
-    """The report text; PNGs go to ``out_dir`` (default ``RUN_DIR/report``)."""
+    """The report text; PNGs and ``report.html`` go to ``out_dir`` (default RUN_DIR/report)."""
     store = RunStore(Path(run_dir))
-    text = tables(store)
+    cfg = load_config(store.config_path)
+    made = tables(store, cfg)
+    text = [t.text() for t in made]
     target = Path(out_dir) if out_dir is not None else store.root / "report"
-    if not available("matplotlib"):  # the tables stand alone
+    images: list[tuple[str, bytes]] = []
+    if available("matplotlib"):
+        for name, data in plot_data(store, cfg).items():
+            png = png_bytes(data)
+            atomic_write_bytes(target / f"{name}.png", png)
+            images.append((name, png))
+    else:  # the tables stand alone
         text.append(
             f"Plots: skipped, matplotlib is not installed. Fix: {install_hint('matplotlib')}"
         )
-        return "\n\n".join(text)
-    written = plots(store, target)
-    if written:
-        text.append("Plots:\n" + "\n".join(f"  {p}" for p in written))
+    html = render_html(f"hawq report: {cfg.run.name}", made, images, GLOSSARY, run_summary(store))
+    atomic_write_text(target / "report.html", html)
+    files = [target / f"{name}.png" for name, _ in images] + [target / "report.html"]
+    text.append("Files:\n" + "\n".join(f"  {p}" for p in files))
     return "\n\n".join(text)
+
+
+def report_json(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """``hawq report --json``: the run summary and every table as lists of row objects."""
+    store = RunStore(Path(run_dir))
+    out: dict[str, Any] = {"run_dir": str(store.root), "summary": run_summary(store)}
+    for key, (stage, name) in {
+        "blocks": ("hessian", "sensitivity.parquet"),
+        "bits": ("allocate", "bits.parquet"),
+        "allocation": ("allocate", "summary.parquet"),
+        "order": ("order", "order.parquet"),
+        "phases": ("evaluate", "metrics.parquet"),
+    }.items():
+        rows = stage_rows(store, stage, name)
+        if rows is not None:
+            out[key] = [{k: v for k, v in r.items() if k != "stage_key"} for r in rows]
+    return json_ready(out)

@@ -32,10 +32,20 @@ from pipeline.atomic import (
 )
 from pipeline.config import ConfigError, RunConfig, config_to_yaml, load_config
 from pipeline.data import DataBundle, load_data
+from pipeline.data_factory import FactoryData
+from pipeline.run_log import LOG_FILE, log_to_file
+from pipeline.run_summary import write_run_summary
 from pipeline.stages import STAGES, StageContext, stage_by_name
 from pipeline.stages.base import Params, resolve_device
 from pipeline.store import RunStore
-from pipeline.validate import check_extras, check_identity, check_run_dir, identity_of, preflight
+from pipeline.validate import (
+    check_extras,
+    check_identity,
+    check_imports,
+    check_run_dir,
+    identity_of,
+    preflight,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +80,7 @@ class Prepared:
 
     cfg: RunConfig
     store: RunStore
-    data: DataBundle
+    data: DataBundle | FactoryData
     device: torch.device
     plan: list[StagePlan]
     identity: dict[str, Any]
@@ -182,6 +192,7 @@ def prepare(
     root = Path(run_dir if run_dir is not None else cfg.run.directory)
     check_run_dir(root)
     check_extras(cfg)
+    check_imports(cfg)
     store = RunStore(root)
     if cfg.run.torch_threads:
         torch.set_num_threads(cfg.run.torch_threads)
@@ -239,7 +250,7 @@ def execute(
     store, cfg = prep.store, prep.cfg
     store.create()
     outcome = RunOutcome(run_dir=store.root, plan=prep.plan)
-    with store.lock():
+    with store.lock(), log_to_file(store.root / LOG_FILE):
         store.remove_temp_files()
         for path in prep.corrupt:
             log.warning("repair: deleting corrupt %s (its stage recomputes it)", path)
@@ -284,6 +295,7 @@ def execute(
                 i + 1, len(todo), p.stage, outcome.seconds[p.stage], time.perf_counter() - t_run,
             )  # fmt: skip
             pause_point(f"{p.stage}:done")
+        write_run_summary(store)
     return outcome
 
 

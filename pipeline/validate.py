@@ -18,9 +18,18 @@ from hawq.optional import EXTRAS, available, install_hint
 from pipeline.atomic import StoreError
 from pipeline.config import ConfigError, RunConfig, section_dict
 from pipeline.data import DataBundle
+from pipeline.data_factory import FactoryData
 from pipeline.store import RunStore
+from pipeline.user_code import check_imports
 
-__all__ = ["check_extras", "check_identity", "check_run_dir", "identity_of", "preflight"]
+__all__ = [
+    "check_extras",
+    "check_identity",
+    "check_imports",
+    "check_run_dir",
+    "identity_of",
+    "preflight",
+]
 
 
 def check_extras(cfg: RunConfig) -> None:
@@ -28,6 +37,7 @@ def check_extras(cfg: RunConfig) -> None:
     needs = [
         ("backend.kind", cfg.backend.kind, "ray", cfg.backend.kind == "ray"),
         ("data.name", cfg.data.name, "sklearn", cfg.data.name == "digits"),
+        ("data.name", cfg.data.name, "PIL", cfg.data.name == "imagefolder"),
     ]
     for key, value, module, needed in needs:
         if needed and not available(module):
@@ -68,7 +78,7 @@ def check_run_dir(root: Path) -> None:
         ) from None
 
 
-def identity_of(cfg: RunConfig, data: DataBundle) -> dict[str, Any]:
+def identity_of(cfg: RunConfig, data: DataBundle | FactoryData) -> dict[str, Any]:
     """What a run dir is for: the model config and the data fingerprint."""
     return {
         "model": section_dict(cfg, "model"),
@@ -102,14 +112,41 @@ def check_identity(store: RunStore, ident: dict[str, Any]) -> None:
         )
 
 
-def preflight(cfg: RunConfig, data: DataBundle, device: torch.device) -> None:
-    """Fail before any work: checkpoint, model vs data shapes, blocks, size target."""
+def check_loss(cfg: RunConfig, out: torch.Tensor, target: torch.Tensor) -> None:
+    """The task loss takes the model's output and the data's targets and gives a finite scalar."""
+    from hawq.metrics import task_loss
+    from pipeline.models import task_loss_fn
+
+    fix = "fix the function" if cfg.loss else "set loss: 'package.module:function'"
+    if cfg.loss is None and (target.is_floating_point() or target.is_complex()):
+        raise ConfigError(
+            "loss",
+            f"the targets are real values ({target.dtype}), not class indices, so cross-entropy "
+            f"does not apply. Fix: {fix} (see docs/own_model.md)",
+        )
+    try:
+        value = task_loss(out, target, task_loss_fn(cfg))
+    except Exception as exc:  # noqa: BLE001 - the user's function or a shape mismatch
+        what = cfg.loss or "cross-entropy"
+        raise ConfigError(
+            "loss",
+            f"{what} fails on the model's output {tuple(out.shape)} and the targets "
+            f"{tuple(target.shape)} {target.dtype} ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}). Fix: {fix}",
+        ) from None
+    if not isinstance(value, torch.Tensor) or value.numel() != 1 or not value.isfinite().all():
+        raise ConfigError("loss", f"{cfg.loss} must return a finite scalar tensor, got {value!r}")
+
+
+def preflight(cfg: RunConfig, data: DataBundle | FactoryData, device: torch.device) -> None:
+    """Fail before any work: checkpoint, model vs data shapes, the loss, blocks, size target."""
     from hawq.blocks import partition_blocks
     from pipeline.models import build_model
     from pipeline.stages.allocate import check_feasibility
 
     model = build_model(cfg.model).to(device).eval()  # loads (and checks) the checkpoint
-    example = data.eval_x[:2].to(device)
+    example, target = data.hessian[0]
+    example, target = example[:2].to(device), target[:2].to(device)
     try:
         with torch.no_grad():
             out = model(example)
@@ -119,11 +156,12 @@ def preflight(cfg: RunConfig, data: DataBundle, device: torch.device) -> None:
             f"{cfg.model.name} cannot take the data's inputs {tuple(example.shape)} "
             f"({str(exc).splitlines()[0]}); check model.in_channels / image_size and data",
         ) from None
-    if out.shape[-1] != data.num_classes:
+    if data.num_classes is not None and out.shape[-1] != data.num_classes:
         raise ConfigError(
             "model.num_classes",
             f"the model outputs {out.shape[-1]} classes but data has {data.num_classes}",
         )
+    check_loss(cfg, out, target)
     patterns = [tuple(p) for p in cfg.hessian.patterns] or None
     try:  # the same blocks the hessian stage will use
         blocks = partition_blocks(model, grouping=cfg.hessian.grouping, patterns=patterns)

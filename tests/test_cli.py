@@ -54,7 +54,7 @@ def test_report_tables_and_plots(run_dir: Path, tmp_path: Path, capsys) -> None:
     out_dir = tmp_path / "plots"
     assert main(["-q", "report", str(run_dir), "--out", str(out_dir)]) == 0
     out = capsys.readouterr().out
-    for title in ("Per-block Hessian sensitivity", "Allocation", "Accuracy per phase"):
+    for title in ("Per-block sensitivity (S = trace / n)", "Allocation", "accuracy per phase"):
         assert title in out
     sens = pq.read_table(run_dir / "stages/hessian/sensitivity.parquet").to_pylist()
     bits = {
@@ -70,6 +70,7 @@ def test_report_tables_and_plots(run_dir: Path, tmp_path: Path, capsys) -> None:
     for name in ("sensitivity.png", "bits.png", "pareto.png", "accuracy.png"):
         data = (out_dir / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 5000, name
+    assert (out_dir / "report.html").read_text().startswith("<!DOCTYPE html>")
     assert not [p for p in out_dir.iterdir() if p.name.startswith(".")]
 
 
@@ -201,7 +202,7 @@ def test_report_trace_column_is_consistent(run_dir: Path, capsys) -> None:
     out = capsys.readouterr().out
     for row in pq.read_table(run_dir / "stages/hessian/sensitivity.parquet").to_pylist():
         line = next(ln for ln in out.splitlines() if ln.startswith(row["block"] + " "))
-        value, pm, err = line.split()[4:7]
+        value, pm, err = line.split()[3:6]
         assert pm == "±" and len(value.split(".")[-1]) == len(err.split(".")[-1])
         assert len(err.replace("0.", "").lstrip("0").replace(".", "")) == 2  # 2 significant
         half_unit = 0.5 * 10 ** -len(err.split(".")[-1]) if "." in err else 0.5

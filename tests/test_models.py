@@ -70,10 +70,11 @@ def test_import_path_models():
     user = model_factory(cfg)()
     torch.manual_seed(0)
     assert same_state(user, cifar_resnet(20))
-    with pytest.raises(ConfigError, match=r"model\.name: cannot import module 'hawq\.nosuch'"):
+    cannot = r"model\.name: cannot import 'hawq\.nosuch:f' \(No module named 'hawq\.nosuch'\)"
+    with pytest.raises(ConfigError, match=cannot + r"\. Fix: pip install your package"):
         model_factory(ModelConfig(name="hawq.nosuch:f"))
     with pytest.raises(
-        ConfigError, match=r"model\.name: module 'hawq\.models' has no callable 'x'"
+        ConfigError, match=r"model\.name: module 'hawq\.models' has no callable 'x'\. Fix"
     ):
         model_factory(ModelConfig(name="hawq.models:x"))
     with pytest.raises(

@@ -18,6 +18,7 @@ from safetensors import safe_open
 
 REPO = Path(__file__).resolve().parents[1]
 TIMING_COLUMNS = {"seconds", "started", "finished", "pid", "host"}
+SKIP = {"lock", "hawq.log"}  # not outputs: the run lock and the run's log (timestamps)
 
 # 3 blocks (fc1..fc3); 2 baseline epochs; 3 QAT stages x 2 epochs; float64 Hessian.
 TINY: dict[str, Any] = {
@@ -120,8 +121,8 @@ def assert_same_outputs(a: Path, b: Path) -> int:
 
     Returns the number of files compared.
     """
-    files_a = {str(p.relative_to(a)) for p in a.rglob("*") if p.is_file() and p.name != "lock"}
-    files_b = {str(p.relative_to(b)) for p in b.rglob("*") if p.is_file() and p.name != "lock"}
+    files_a = {str(p.relative_to(a)) for p in a.rglob("*") if p.is_file() and p.name not in SKIP}
+    files_b = {str(p.relative_to(b)) for p in b.rglob("*") if p.is_file() and p.name not in SKIP}
     assert files_a == files_b, f"different files: {sorted(files_a ^ files_b)}"
     for rel in sorted(files_a):
         fa, fb = a / rel, b / rel

@@ -14,8 +14,14 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
+from pipeline.config.inputs import (
+    DataConfig,
+    ModelConfig,
+    RunSection,
+    check_import_path,
+)
 from pipeline.config.strict import (
     ConfigError,
     Section,
@@ -30,123 +36,9 @@ if TYPE_CHECKING:  # hawq (torch) and the Ray backend config load only when a se
     from hawq import AllocConfig, HessianConfig, OrderConfig, QATConfig
     from pipeline.backends.ray.config import RayBackendConfig
 
-BUILTIN_MODELS = ("cifar_resnet20", "cifar_resnet32", "cifar_resnet56", "mlp", "small_cnn")
-# name -> (channels, native image size, classes) of the datasets whose shape is fixed.
-DATASET_SHAPES = {"digits": (1, 8, 10), "fashion_mnist": (1, 28, 10), "cifar10": (3, 32, 10)}
-_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
-_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _ADDRESS = re.compile(r"^[A-Za-z0-9_.-]+:(\d+)$")
 # finetune.order -> hawq.order.OrderConfig.mode
 ORDER_MODES = {"omega": "descending", "reverse": "reverse", "random": "random"}
-
-
-@dataclass(frozen=True, kw_only=True)
-class RunSection(Section):
-    """Identity and placement: run name, seed, run directory, device, torch threads."""
-
-    name: str = "hawq"
-    seed: int = 0
-    run_dir: str | None = None  # None -> runs/<name>, relative to the working directory
-    device: Literal["cpu", "cuda", "auto"] = "auto"
-    torch_threads: int | None = None  # None -> torch's default
-
-    def check(self) -> None:
-        if not _RUN_NAME.match(self.name):
-            fail("name", f"{self.name!r} must be letters, digits, '_', '.' or '-'")
-        check_positive("torch_threads", self.torch_threads)
-        check_seed("seed", self.seed)
-
-    @property
-    def directory(self) -> str:
-        """The run directory: ``run_dir`` or ``runs/<name>``."""
-        return self.run_dir if self.run_dir is not None else f"runs/{self.name}"
-
-
-@dataclass(frozen=True, kw_only=True)
-class ModelConfig(Section):
-    """Which network: built-in, ``torchvision:<name>`` or ``package.module:factory``."""
-
-    name: str  # required
-    num_classes: int = 10
-    in_channels: int = 3
-    image_size: int | None = None  # input height = width; required by "mlp"
-    checkpoint: str | None = None  # .th/.pt/.pth state dict or .safetensors
-    checkpoint_ignore: tuple[str, ...] = ()  # regexes of checkpoint keys to drop (AuxLogits\..*)
-    kwargs: dict[str, Any] = field(default_factory=dict)  # extra factory arguments
-
-    def check(self) -> None:
-        n = self.name
-        custom = not n.startswith("torchvision:") and n not in BUILTIN_MODELS
-        if custom and not _IMPORT_PATH.match(n):
-            fail(
-                "name",
-                f"{n!r} is not a model; use one of {', '.join(BUILTIN_MODELS)}, "
-                "'torchvision:<name>' or 'package.module:factory'",
-            )
-        if n.startswith("torchvision:") and not n.removeprefix("torchvision:").isidentifier():
-            fail("name", f"{n!r}: put a torchvision model name after 'torchvision:'")
-        if self.num_classes < 2:
-            fail("num_classes", f"{self.num_classes} must be >= 2")
-        check_positive("in_channels", self.in_channels)
-        check_positive("image_size", self.image_size)
-        if n == "mlp" and self.image_size is None:
-            fail("image_size", "model 'mlp' needs the input size (e.g. 8 for digits)")
-        for i, pattern in enumerate(self.checkpoint_ignore):
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                fail(f"checkpoint_ignore[{i}]", f"{pattern!r} is not a valid regex: {exc}")
-        if self.checkpoint is not None and not self.checkpoint.endswith(
-            (".th", ".pt", ".pth", ".safetensors")
-        ):
-            fail("checkpoint", f"{self.checkpoint!r} must end in .th, .pt, .pth or .safetensors")
-
-
-@dataclass(frozen=True, kw_only=True)
-class DataConfig(Section):
-    """Dataset, sizes of the Hessian / fine-tuning / evaluation sets, batch size, seed."""
-
-    name: Literal["digits", "fashion_mnist", "cifar10", "imagefolder", "synthetic"]  # required
-    path: str | None = None  # dataset file/dir; fashion_mnist defaults to the Debian package
-    train_size: int | None = None  # fine-tuning samples (None = the whole training pool)
-    eval_size: int | None = None  # evaluation samples (None = the whole test split)
-    hessian_samples: int = 512  # drawn from the training pool
-    hessian_batch_size: int = 128
-    batch_size: int = 128  # evaluation batch size
-    seed: int = 0
-    normalization: Literal["auto", "none", "imagenet", "dataset"] = "auto"
-    image_size: int | None = None  # imagefolder crop (default 224) / synthetic side (default 8)
-    resize: int | None = None  # imagefolder: shorter side before the crop (default size*8/7)
-    channels: int | None = None  # synthetic only (default 1)
-    num_classes: int | None = None  # synthetic only (default 10)
-    train_split: str = "train"  # imagefolder sub-directories
-    eval_split: str = "val"
-
-    def check(self) -> None:
-        for key in ("train_size", "eval_size", "image_size", "resize", "channels"):
-            check_positive(key, getattr(self, key))
-        for key in ("hessian_samples", "hessian_batch_size", "batch_size"):
-            check_positive(key, getattr(self, key))
-        check_seed("seed", self.seed)
-        if self.name in ("cifar10", "imagefolder") and self.path is None:
-            what = "the npz / python batches" if self.name == "cifar10" else "the ImageFolder root"
-            fail("path", f"data '{self.name}' needs a path to {what}")
-        if self.name != "synthetic":
-            for key in ("channels", "num_classes"):
-                if getattr(self, key) is not None:
-                    fail(key, f"only applies to data.name: synthetic (got name {self.name!r})")
-        if self.num_classes is not None and self.num_classes < 2:
-            fail("num_classes", f"{self.num_classes} must be >= 2")
-        if self.name in DATASET_SHAPES and self.image_size is not None:
-            fail("image_size", f"{self.name} images have a fixed size; remove data.image_size")
-
-    def shape(self) -> tuple[int, int, int] | None:
-        """(channels, image side, classes) when known before loading, else None."""
-        if self.name in DATASET_SHAPES:
-            return DATASET_SHAPES[self.name]
-        if self.name == "synthetic":
-            return (self.channels or 1, self.image_size or 8, self.num_classes or 10)
-        return None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -158,18 +50,31 @@ class HessianSection(Section):
     """
 
     method: Literal["lanczos", "power"] = "lanczos"
+    """Eigen solver of the top eigenvalue(s) per block."""
     tol: float = 1e-3
+    """Relative tolerance of the eigen solver (residual / |eigenvalue|)."""
     max_iter: int = 100
+    """Most Hessian-vector products per eigenvalue."""
     top_k: int = 1
+    """Eigenvalues per block (the largest in magnitude is the 'eigenvalue' column)."""
     trace: bool = True
+    """Estimate each block's Hessian trace with Hutchinson probes."""
     trace_tol: float = 0.05
+    """Stop a block's trace when its standard error <= trace_tol * |trace|."""
     trace_max_probes: int = 200
+    """Most Hutchinson probes."""
     trace_min_probes: int = 10
+    """Fewest Hutchinson probes before the stopping rule applies (>= 2)."""
     seed: int = 0
-    memory_budget_mb: float | None = 4096.0  # cached first-order graphs; null = all, 0 = none
+    """Seed of the eigen start vectors and the Rademacher probes."""
+    memory_budget_mb: float | None = 4096.0
+    """Cap on cached first-order graphs; null = cache every batch, 0 = rebuild for each HVP."""
     grouping: Literal["layer", "residual"] = "layer"
-    patterns: tuple[tuple[str, ...], ...] = ()  # [regex, block_name] pairs tried first
+    """Blocks: each Conv/Linear layer, or each residual block."""
+    patterns: tuple[tuple[str, ...], ...] = ()
+    """[regex, block_name] pairs tried before the grouping (modules matching go to block_name)."""
     dtype: Literal["float32", "float64"] = "float32"
+    """Precision of the Hessian computation."""
 
     def check(self) -> None:
         for key in ("tol", "max_iter", "top_k", "trace_tol", "trace_max_probes"):
@@ -206,21 +111,37 @@ class AllocationSection(Section):
     """Bit allocation: HAWQ v1 rule or ILP, under a size (MB or compression) / BOPs limit."""
 
     method: Literal["v1", "ilp"] = "ilp"
+    """v1: HAWQ v1's rule (bits non-increasing in S); ilp: minimise total Omega under the limits."""
     sensitivity: Literal["eigenvalue", "trace"] = "trace"
+    """S_i = eigenvalue / n_i or trace / n_i (n_i = the block's parameters)."""
     candidate_bits: tuple[int, ...] = (2, 4, 8)
+    """Weight bit widths to choose from (2..8)."""
     size_limit_mb: float | None = None
-    compression: float | None = None  # weight compression vs float32, e.g. 13.0
-    bops_limit: float | None = None  # in GBOPs
+    """Largest weight size in MB (set this or compression)."""
+    compression: float | None = None
+    """Weight compression vs float32, e.g. 13.0 (set this or size_limit_mb)."""
+    bops_limit: float | None = None
+    """Largest bit operations per inference, in GBOPs."""
     act_bits: int = 8
-    pin: dict[str, int] = field(default_factory=dict)  # module name -> bits
-    tie: tuple[tuple[str, ...], ...] = ()  # groups of module names that share bits
-    pareto_points: int = 0  # points of the size/Omega frontier to record (0 = skip, else >= 2)
-    input_act_bits: int | None = 8  # the network input's bits (first layer); null = act_bits
-    last_act_bits: int | None = 8  # the last layer's input bits; null = act_bits
-    per_channel: bool = True  # weight scales per output channel
-    percentile: float | None = None  # clip |w| at this percentile (None = max)
-    mse_clip: bool = False  # clip each channel at its MSE-optimal ratio of max|w|
-    clip_bits: int | None = None  # clip (percentile / MSE) only at bits <= this; null = all
+    """Activation bits of every quantized layer."""
+    pin: dict[str, int] = field(default_factory=dict)
+    """Module name -> weight bits fixed before the allocation (e.g. first and last layer)."""
+    tie: tuple[tuple[str, ...], ...] = ()
+    """Groups of module names that get the same bits."""
+    pareto_points: int = 0
+    """Points of the size / Omega frontier to record (0 = skip, else >= 2)."""
+    input_act_bits: int | None = 8
+    """Activation bits of the network input (the first layer's input); null = act_bits."""
+    last_act_bits: int | None = 8
+    """Activation bits of the last layer's input; null = act_bits."""
+    per_channel: bool = True
+    """Weight scales per output channel (else per tensor)."""
+    percentile: float | None = None
+    """Clip |w| at this percentile before quantizing; null = the maximum."""
+    mse_clip: bool = False
+    """Clip each output channel at its MSE-optimal ratio of max|w| (instead of the maximum)."""
+    clip_bits: int | None = None
+    """Clip (percentile or MSE) only at weight bits <= this; null = at every width."""
 
     def check(self) -> None:
         if not self.candidate_bits:
@@ -279,20 +200,35 @@ class AllocationSection(Section):
 class FinetuneSection(Section):
     """Multi-stage quantization-aware fine-tuning in Omega order (``hawq.qat.QATConfig``)."""
 
-    epochs_per_stage: int = 1  # 0: quantize and calibrate only (no training)
+    epochs_per_stage: int = 1
+    """QAT epochs per fine-tuning stage; 0 = quantize and calibrate only (PTQ)."""
     blocks_per_stage: int = 1
+    """Blocks quantized together in one fine-tuning stage."""
     lr: float = 0.01
+    """SGD learning rate at the start of each stage."""
     momentum: float = 0.9
+    """SGD momentum."""
     weight_decay: float = 1e-4
+    """SGD weight decay."""
     schedule: Literal["cosine", "constant", "step"] = "cosine"
-    step_size: int = 1  # epochs per step of the "step" schedule
-    gamma: float = 0.1  # lr factor per step
+    """Learning-rate schedule within a stage."""
+    step_size: int = 1
+    """Epochs per step of the 'step' schedule."""
+    gamma: float = 0.1
+    """Learning-rate factor per step of the 'step' schedule."""
     freeze_quantized: bool = True
+    """Freeze the layers quantized in earlier stages."""
     loss: Literal["ce", "distill"] = "ce"
-    temperature: float = 4.0  # distillation temperature
-    alpha: float = 0.9  # weight of the distillation term
+    """ce: the task loss (cross-entropy, or the top-level loss); distill: plus KL to the float
+    model (classification only)."""
+    temperature: float = 4.0
+    """Distillation temperature."""
+    alpha: float = 0.9
+    """Weight of the distillation term (1 - alpha on the task loss)."""
     order: Literal["omega", "reverse", "random"] = "omega"
+    """Fine-tuning order: descending Omega (HAWQ), its reverse, or random."""
     batch_size: int = 128
+    """Training batch size."""
 
     def check(self) -> None:
         check_positive("epochs_per_stage", self.epochs_per_stage, allow_zero=True)
@@ -335,11 +271,17 @@ class BaselineSection(Section):
     """Float baseline: use the checkpoint as is (train_epochs: 0) or train from scratch."""
 
     train_epochs: int = 0
+    """Epochs of float training from scratch; 0 = use model.checkpoint (or the init) as is."""
     lr: float = 0.1
+    """SGD learning rate."""
     momentum: float = 0.9
+    """SGD momentum."""
     weight_decay: float = 5e-4
+    """SGD weight decay."""
     batch_size: int = 128
+    """Training batch size."""
     schedule: Literal["cosine", "constant", "step"] = "cosine"
+    """Learning-rate schedule ('step' divides by 10 every third of the epochs)."""
 
     def check(self) -> None:
         check_positive("train_epochs", self.train_epochs, allow_zero=True)
@@ -374,12 +316,19 @@ class BackendSection(Section):
     """Where the Hessian stage runs: in-process or on Ray actors (data shards x block groups)."""
 
     kind: Literal["local", "ray"] = "local"
-    address: str | None = None  # Ray head "host:port"; None starts a private local Ray
+    """local: in this process; ray: on a grid of Ray actors."""
+    address: str | None = None
+    """Ray head 'host:port' to join; null starts a private local Ray."""
     data_shards: int = 1
+    """Ray: actors that split the Hessian batches (their HVPs are all-reduced)."""
     block_groups: int = 1
+    """Ray: groups of actors that take different blocks."""
     cpus_per_actor: float = 1.0
+    """Ray: CPUs reserved per actor."""
     gpus_per_actor: float = 0.0
+    """Ray: GPUs reserved per actor."""
     memory_budget_mb: float | None = None
+    """Ray: per-actor cap on cached first-order graphs; null = hessian.memory_budget_mb."""
 
     def check(self) -> None:
         for key in ("data_shards", "block_groups", "cpus_per_actor", "memory_budget_mb"):
@@ -413,19 +362,34 @@ class RunConfig(Section):
     """The whole pipeline config; YAML top-level keys are these field names."""
 
     run: RunSection = field(default_factory=RunSection)
-    model: ModelConfig  # required
-    data: DataConfig  # required
+    """Identity and placement of the run."""
+    model: ModelConfig
+    """The network (required)."""
+    data: DataConfig
+    """The data (required)."""
+    loss: str | None = None
+    """Your 'package.module:function' (output, target) -> mean loss, for tasks other than
+    classification; null = cross-entropy on logits."""
     baseline: BaselineSection = field(default_factory=BaselineSection)
+    """The float model: checkpoint or training."""
     hessian: HessianSection = field(default_factory=HessianSection)
-    allocation: AllocationSection  # required: it carries the size target
+    """Per-block Hessian sensitivity."""
+    allocation: AllocationSection
+    """Bit allocation (required: it carries the size target)."""
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
+    """Quantization-aware fine-tuning."""
     backend: BackendSection = field(default_factory=BackendSection)
+    """Where the Hessian stage runs."""
 
     def check(self) -> None:
+        if self.loss is not None:
+            check_import_path("loss", self.loss, "your loss function")
+            if self.finetune.loss == "distill":
+                fail("finetune.loss", "'distill' needs classification logits; use 'ce' with loss")
         shape = self.data.shape()
         if shape is not None:
             channels, side, classes = shape
-            what = f"data '{self.data.name}'"
+            what = f"data '{self.data.label}'"
             if self.model.in_channels != channels:
                 fail("model.in_channels", f"{self.model.in_channels} but {what} has {channels}")
             if self.model.num_classes != classes:

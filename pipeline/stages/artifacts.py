@@ -28,7 +28,7 @@ def qat_stages(ctx: StageContext) -> list[list[str]]:
     """Module names to quantize at each fine-tuning stage (``order/order.parquet``)."""
     cols = ctx.read_table("order", "order.parquet").to_pydict()
     stages: dict[int, list[str]] = {}
-    for s, mods in zip(cols["stage"], cols["modules"], strict=True):
+    for s, mods in zip(cols["ft_stage"], cols["modules"], strict=True):
         stages.setdefault(int(s), []).extend(mods)
     return [stages[s] for s in sorted(stages)]
 

@@ -19,7 +19,8 @@ from torch import nn
 from pipeline.atomic import pause_point
 from pipeline.config import RunConfig
 from pipeline.data import DataBundle
-from pipeline.models import model_factory
+from pipeline.data_factory import FactoryData
+from pipeline.models import LossFn, model_factory, task_loss_fn
 from pipeline.store import RunStore
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class StageContext:
     store: RunStore
     stage: str
     key: str
-    data: DataBundle
+    data: DataBundle | FactoryData
     device: torch.device
     progress: bool = True
     backend: Callable[[], Any] | None = None  # -> HessianBackend (hessian stage only)
@@ -75,6 +76,17 @@ class StageContext:
     def pause(self, point: str) -> None:
         """Test hook ``<stage>:<point>`` (see :func:`pipeline.atomic.pause_point`)."""
         pause_point(f"{self.stage}:{point}")
+
+    def loss_fn(self) -> LossFn | None:
+        """The task loss for training and evaluation (None: hawq's cross-entropy)."""
+        return task_loss_fn(self.cfg)
+
+    def evaluate(self, model: nn.Module) -> tuple[float, float]:
+        """(loss, accuracy) of ``model`` on the evaluation set (accuracy NaN without classes)."""
+        from hawq import evaluate
+
+        bs = self.cfg.data.batch_size
+        return evaluate(model, self.data.eval_data(bs), batch_size=bs, loss_fn=self.loss_fn())
 
     # ---- upstream outputs
     def read_table(self, stage: str, name: str) -> pa.Table:

@@ -16,7 +16,7 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from hawq import derive_seed, evaluate
+from hawq import derive_seed
 from hawq.qat import train_float
 from pipeline.config import RunConfig
 from pipeline.models import build_model, model_factory
@@ -65,9 +65,10 @@ def train(ctx: StageContext, model: nn.Module) -> None:
     loop = functools.partial(
         train_float,
         model,
-        (ctx.data.train_x, ctx.data.train_y),
-        (ctx.data.eval_x, ctx.data.eval_y),
+        ctx.data.train_data(tcfg.batch_size),
+        ctx.data.eval_data(tcfg.eval_batch_size),
         tcfg,
+        loss_fn=ctx.loss_fn(),
     )
     train_resumably(ctx, loop, state_file=STATE, total=tcfg.epochs)
 
@@ -79,7 +80,7 @@ def run(ctx: StageContext) -> None:
     epochs = cfg.baseline.train_epochs
     if epochs > 0:
         train(ctx, model)
-    loss, acc = evaluate(model, (ctx.data.eval_x, ctx.data.eval_y), batch_size=cfg.data.batch_size)
+    loss, acc = ctx.evaluate(model)
     source = "trained" if epochs else "checkpoint" if cfg.model.checkpoint else "random init"
     log.info("baseline (%s): eval loss %.4f, accuracy %.4f", source, loss, acc)
     ctx.write_tensors("model.safetensors", model.state_dict())
@@ -89,7 +90,7 @@ def run(ctx: StageContext) -> None:
         "n_params": sum(p.numel() for p in model.parameters()),
         "eval_loss": loss,
         "eval_acc": acc,
-        "eval_samples": len(ctx.data.eval_y),
+        "eval_samples": ctx.data.n_eval,
     }
     ctx.write_table("metrics.parquet", pa.Table.from_pylist([row], schema=METRICS_SCHEMA))
 

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 EPOCH_SCHEMA = pa.schema(
     [
         ("phase", pa.string()),
-        ("stage", pa.int64()),
+        ("ft_stage", pa.int64()),
         ("epoch", pa.int64()),
         ("global_epoch", pa.int64()),
         ("lr", pa.float64()),
@@ -37,14 +37,16 @@ EPOCH_SCHEMA = pa.schema(
         ("seconds", pa.float64()),
     ]
 )
-"""Per-epoch metrics of baseline training (phase ``baseline``) and QAT (phase ``finetune``)."""
+"""Per-epoch metrics of baseline training (phase ``baseline``) and QAT (phase ``finetune``);
+``ft_stage`` is the fine-tuning stage (0 for the baseline), ``epoch`` counts within it."""
 
 TrainLoop = Callable[..., list[EpochRecord]]  # (state=..., on_epoch_end=...) -> records
 
 
 def epoch_table(phase: str, history: Sequence[dict]) -> pa.Table:
     """``epochs.parquet`` rows: ``phase`` + the loop's epoch records (as dicts)."""
-    return pa.Table.from_pylist([{"phase": phase, **r} for r in history], schema=EPOCH_SCHEMA)
+    rows = [{"phase": phase, "ft_stage": r["stage"], **r} for r in history]
+    return pa.Table.from_pylist(rows, schema=EPOCH_SCHEMA)
 
 
 def _load_state(ctx: StageContext, name: str) -> QATState | None:
@@ -72,8 +74,8 @@ def train_resumably(ctx: StageContext, train: TrainLoop, *, state_file: str, tot
         ctx.report_progress(done, total, "epochs")
         eta = (time.perf_counter() - t0) / max(1, done - first) * (total - done)
         log.info(
-            "%s: epoch %d/%d done, train loss %.4f, eval acc %.4f (ETA %.0fs)",
-            ctx.stage, done, total, rec.train_loss, rec.eval_acc, eta,
+            "%s: epoch %d/%d done, train loss %.4f, eval loss %.4f, acc %.4f (ETA %.0fs)",
+            ctx.stage, done, total, rec.train_loss, rec.eval_loss, rec.eval_acc, eta,
         )  # fmt: skip
         ctx.pause(f"epoch:{done}")
 

@@ -53,11 +53,12 @@ def run(ctx: StageContext) -> None:
         run_qat,
         model,
         stages,
-        (ctx.data.train_x, ctx.data.train_y),
-        (ctx.data.eval_x, ctx.data.eval_y),
+        ctx.data.train_data(qcfg.batch_size),
+        ctx.data.eval_data(qcfg.eval_batch_size),
         qcfg,
         bit_config=load_bit_config(ctx),
         teacher=ctx.float_model() if qcfg.loss == "distill" else None,
+        loss_fn=ctx.loss_fn(),
     )
     train_resumably(ctx, loop, state_file=STATE, total=qcfg.epochs * len(stages))
     ctx.write_tensors("model.safetensors", model.state_dict())

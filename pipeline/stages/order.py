@@ -1,6 +1,6 @@
 """Stage ``order``: the fine-tuning order of the blocks by Omega at their allocated bits.
 
-Writes ``order.parquet`` (stage, block, modules, omega) in fine-tuning order: blocks sorted by
+Writes ``order.parquet`` (ft_stage, block, modules, omega) in fine-tuning order: blocks sorted by
 ``finetune.order`` (Omega descending, reverse or random) and grouped ``finetune.blocks_per_stage``
 to a QAT stage.
 """
@@ -34,7 +34,7 @@ def run(ctx: StageContext) -> None:
     assigned = dict(zip(bits["block"], bits["bits"], strict=True))
     ocfg = cfg.finetune.order_to_hawq(cfg.allocation, seed=cfg.run.seed)
     order = finetune_order(model, table, assigned, ocfg)
-    ctx.write_table("order.parquet", order.table)
+    ctx.write_table("order.parquet", order.table.rename_columns({"stage": "ft_stage"}))
     log.info("fine-tuning order (%d stages): %s", len(order.stages), order.blocks)
 
 

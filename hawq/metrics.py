@@ -1,0 +1,109 @@
+"""Task loss and accuracy of a model on batches: what training and evaluation report.
+
+The loss is cross-entropy on logits unless a ``loss_fn(output, target) -> scalar`` (the mean
+over the batch) is given, e.g. a regression or segmentation loss. Accuracy is defined for
+classification-like targets only: integer targets whose shape is the output's without dim 1
+(``(N,)`` for ``(N, C)`` logits, ``(N, H, W)`` for ``(N, C, H, W)`` per-pixel logits); it is
+the fraction of target elements equal to the argmax over dim 1, and NaN for other targets.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+Data = tuple[torch.Tensor, torch.Tensor] | Callable[[torch.Generator], Batches]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+__all__ = ["Data", "LossFn", "batches", "count_correct", "evaluate", "task_loss", "wilson_interval"]
+
+
+def _tensor_batches(
+    data: tuple[torch.Tensor, torch.Tensor],
+    batch_size: int,
+    generator: torch.Generator | None,
+    drop_last: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    x, y = data
+    n = x.shape[0]
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    for i in range(0, n - n % batch_size if drop_last else n, batch_size):
+        j = order[i : i + batch_size]
+        yield x[j], y[j]
+
+
+def batches(data: Data, batch_size: int, gen: torch.Generator, shuffle: bool, drop_last: bool):
+    """``(x, y)`` batches of ``data``: tensors are cut here (shuffled by ``gen``), a callable
+    ``data(gen)`` yields its own batches (e.g. a ``DataLoader`` over a ``Dataset``)."""
+    if callable(data):
+        return data(gen)
+    if not (isinstance(data, tuple | list) and len(data) == 2):
+        raise ValueError("data must be a tuple (X, y) of tensors or a callable(generator)")
+    return _tensor_batches(tuple(data), batch_size, gen if shuffle else None, drop_last)
+
+
+def task_loss(out: torch.Tensor, y: torch.Tensor, loss_fn: LossFn | None) -> torch.Tensor:
+    """Mean loss of a batch: ``loss_fn(out, y)`` or cross-entropy on logits."""
+    return F.cross_entropy(out, y) if loss_fn is None else loss_fn(out, y)
+
+
+def count_correct(out: torch.Tensor, y: torch.Tensor) -> tuple[int, int] | None:
+    """(correct, total) target elements for classification-like targets, else None."""
+    if y.is_floating_point() or y.is_complex() or out.dim() < 2:
+        return None
+    if out.shape[:1] + out.shape[2:] != y.shape:
+        return None
+    return int((out.detach().argmax(1) == y).sum()), y.numel()
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, data: Data, *, batch_size: int = 512, loss_fn: LossFn | None = None
+) -> tuple[float, float]:
+    """Mean loss (per sample) and accuracy (NaN for non-classification targets) of ``model``
+    in eval mode (its mode is restored)."""
+    was = model.training
+    model.eval()
+    dev = _device(model)
+    loss, correct, total, n = 0.0, 0, 0, 0
+    classification = True
+    try:
+        for xb, yb in batches(data, batch_size, torch.Generator(), False, False):
+            xb, yb = xb.to(dev), yb.to(dev)
+            out = model(xb)
+            if loss_fn is None:
+                loss += F.cross_entropy(out, yb, reduction="sum").item()
+            else:
+                loss += float(loss_fn(out, yb)) * yb.shape[0]
+            counts = count_correct(out, yb)
+            classification = classification and counts is not None
+            if counts is not None:
+                correct, total = correct + counts[0], total + counts[1]
+            n += yb.shape[0]
+    finally:
+        model.train(was)
+    if n == 0:
+        raise ValueError("evaluation data is empty")
+    return loss / n, correct / total if classification and total else math.nan
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``successes / n`` (default 95%):
+    ``(p + z^2/2n -+ z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n)``; NaNs for n = 0 or NaN."""
+    if n <= 0 or math.isnan(successes):
+        return math.nan, math.nan
+    p = successes / n
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, center - half), min(1.0, center + half)
