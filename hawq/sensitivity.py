@@ -3,7 +3,8 @@
 ``analyze`` opens one :class:`~hawq.hvp.HessianOperator` over the batches, computes every
 block's top eigenvalue (Lanczos or power iteration on ``v -> H_bb v``; HAWQ v1's ``lambda_i``)
 and, if ``config.trace``, every block's trace ``Tr(H_bb)`` from shared Hutchinson probes
-(HAWQ-V2's ``Tr(H_i)``). Sensitivities are then ``eigenvalue / n_params`` or
+(HAWQ-V2's ``Tr(H_i)``; ``trace_method="deflated"`` deflates each block's Lanczos basis
+first, see ``hawq.hessian.trace_deflated``). Sensitivities are then ``eigenvalue / n_params`` or
 ``trace / n_params``; this module reports the raw quantities.
 
 Determinism: block ``b``'s start vector is ``randn`` from a generator seeded with
@@ -27,7 +28,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hawq.blocks import Block, derive_seed, partition_blocks
-from hawq.eigen import METHODS, top_k
+from hawq.eigen import METHODS, EigenResult, top_k
+from hawq.hessian.trace_deflated import TRACE_METHODS, Deflation, joint_probe_samples
 from hawq.hvp import Batch, HessianOperator, LossFn
 from hawq.trace import hutchinson, rademacher_probe
 
@@ -82,6 +84,8 @@ class HessianConfig:
     max_iter: int = 100
     top_k: int = 1
     trace: bool = True
+    trace_method: str = "hutchinson"
+    """``hutchinson`` (plain probes) or ``deflated`` (Krylov-deflated, needs ``lanczos``)."""
     trace_tol: float = 0.05
     trace_max_probes: int = 200
     trace_min_probes: int = 10
@@ -97,6 +101,10 @@ class HessianConfig:
         _int_at_least("top_k", self.top_k, 1)
         if not isinstance(self.trace, bool):
             raise ValueError(f"trace must be a bool, got {self.trace!r}")
+        if self.trace_method not in TRACE_METHODS:
+            raise ValueError(
+                f"trace_method must be one of {TRACE_METHODS}, got {self.trace_method!r}"
+            )
         _positive("trace_tol", self.trace_tol)
         _int_at_least("trace_min_probes", self.trace_min_probes, 2)
         _int_at_least("trace_max_probes", self.trace_max_probes, self.trace_min_probes)
@@ -120,6 +128,13 @@ class HessianConfig:
 
 def block_eigen_row(op: HessianOperator, block: Block, config: HessianConfig) -> dict:
     """The eigen columns of ``block``'s row (see ``EIGEN_COLUMNS``)."""
+    return block_eigen(op, block, config)[0]
+
+
+def block_eigen(
+    op: HessianOperator, block: Block, config: HessianConfig
+) -> tuple[dict, EigenResult]:
+    """``block``'s eigen row and its top eigen result (with the Lanczos basis)."""
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(derive_seed(config.seed, "eig", block.name))
     v0 = torch.randn(op.dim(block.name), generator=gen, dtype=torch.float64)
@@ -133,7 +148,7 @@ def block_eigen_row(op: HessianOperator, block: Block, config: HessianConfig) ->
         max_iter=config.max_iter,
         generator=gen,
     )
-    return {
+    row = {
         "block": block.name,
         "modules": list(block.module_names),
         "n_params": block.n_params,
@@ -145,20 +160,29 @@ def block_eigen_row(op: HessianOperator, block: Block, config: HessianConfig) ->
         "seed": config.seed,
         "seconds": time.perf_counter() - start,
     }
+    return row, results[0]
 
 
 def trace_rows(
-    op: HessianOperator, config: HessianConfig, *, progress: bool = False
+    op: HessianOperator,
+    config: HessianConfig,
+    *,
+    progress: bool = False,
+    deflation: Deflation | None = None,
 ) -> dict[str, dict]:
-    """The trace columns of every block, from one joint HVP per Rademacher probe."""
+    """The trace columns of every block, from one joint HVP per Rademacher probe.
+
+    With ``deflation`` each probe is projected off the blocks' bases first (see
+    ``hawq.hessian.trace_deflated``); without it, plain Hutchinson.
+    """
     dims = {b.name: op.dim(b.name) for b in op.blocks}
     bar = tqdm(total=config.trace_max_probes, desc="hutchinson", unit="probe", disable=not progress)
 
     def sample(p: int) -> dict[str, float]:
         vs = rademacher_probe(dims, config.seed, p, dtype=op.dtype, device=op.device)
-        hv = op.hvp_joint(vs)
+        samples = joint_probe_samples(op, vs, deflation)
         bar.update(1)
-        return {b: float(vs[b].double() @ hv[b].double()) for b in dims}
+        return samples
 
     try:
         results = hutchinson(
@@ -203,7 +227,9 @@ def analyze(
     """Sensitivity table (``SENSITIVITY_SCHEMA``) of every block of ``model``.
 
     blocks: defaults to ``partition_blocks(model, grouping=grouping)``.
-    done: eigen rows already computed (resume), keyed by block name; reused as they are.
+    done: eigen rows already computed (resume), keyed by block name; reused as they are
+        (with ``trace_method="deflated"`` their Lanczos bases, not persisted, are rebuilt:
+        the same deterministic solve, so the traces equal an uninterrupted run's).
     on_row: called with each newly computed eigen row (not for ``done`` rows), e.g. to
         persist it; trace columns are added to the table after all eigen rows.
     """
@@ -213,6 +239,8 @@ def analyze(
     blocks = list(partition_blocks(model, grouping=grouping) if blocks is None else blocks)
     done = done or {}
     rows: dict[str, dict] = {}
+    deflate = config.trace and config.trace_method == "deflated"
+    tops: dict[str, EigenResult] = {}
     with HessianOperator(
         model, loss_fn, batches, blocks, memory_budget_bytes=config.memory_budget_bytes
     ) as op:
@@ -230,8 +258,10 @@ def analyze(
                 if b.name in done:
                     rows[b.name] = _resumed_row(done[b.name], b, config)
                     continue
-                row = block_eigen_row(op, b, config)
+                row, top = block_eigen(op, b, config)
                 rows[b.name] = row
+                if deflate:
+                    tops[b.name] = top
                 spent += row["seconds"]
                 finished = len([r for r in rows if r not in done])
                 logger.info(
@@ -244,7 +274,16 @@ def analyze(
                 bar.update(1)
         finally:
             bar.close()
-        traces = trace_rows(op, config, progress=progress) if config.trace else {}
+        deflation = None
+        if deflate:
+            for b in blocks:
+                if b.name not in tops:
+                    logger.info("block %s: rebuilding its Lanczos basis for the trace", b.name)
+                    tops[b.name] = block_eigen(op, b, config)[1]
+            deflation = Deflation.from_eigen({b.name: tops[b.name] for b in blocks})
+        traces = (
+            trace_rows(op, config, progress=progress, deflation=deflation) if config.trace else {}
+        )
     empty = dict.fromkeys(TRACE_COLUMNS)
     return pa.Table.from_pylist(
         [{**rows[b.name], **traces.get(b.name, empty)} for b in blocks], schema=SENSITIVITY_SCHEMA

@@ -152,6 +152,7 @@ class HessianSection(Section):
     max_iter: int = 100
     top_k: int = 1
     trace: bool = True
+    trace_method: Literal["hutchinson", "deflated"] = "hutchinson"  # deflated: lanczos, fewer HVPs
     trace_tol: float = 0.05
     trace_max_probes: int = 200
     trace_min_probes: int = 10
@@ -172,6 +173,11 @@ class HessianSection(Section):
             fail(
                 "trace_min_probes",
                 f"{self.trace_min_probes} exceeds hessian.trace_max_probes={self.trace_max_probes}",
+            )
+        if self.trace_method == "deflated" and self.method != "lanczos":
+            fail(
+                "trace_method",
+                "'deflated' deflates the Lanczos bases: needs hessian.method: lanczos",
             )
         for i, pair in enumerate(self.patterns):
             if len(pair) != 2:
@@ -367,6 +373,12 @@ class RunConfig(Section):
                 fail("model.image_size", f"{self.model.image_size} but {what} is {side}x{side}")
         if self.allocation.sensitivity == "trace" and not self.hessian.trace:
             fail("allocation.sensitivity", "'trace' needs hessian.trace: true")
+        if self.backend.kind == "ray" and self.hessian.trace_method == "deflated":
+            fail(
+                "hessian.trace_method",
+                "'deflated' is not supported by backend.kind: ray yet; use backend.kind: local "
+                "or hessian.trace_method: hutchinson",
+            )
         batches = -(-self.data.hessian_samples // self.data.hessian_batch_size)
         if self.backend.data_shards > batches:
             fail(
