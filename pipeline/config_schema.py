@@ -373,12 +373,6 @@ class RunConfig(Section):
                 fail("model.image_size", f"{self.model.image_size} but {what} is {side}x{side}")
         if self.allocation.sensitivity == "trace" and not self.hessian.trace:
             fail("allocation.sensitivity", "'trace' needs hessian.trace: true")
-        if self.backend.kind == "ray" and self.hessian.trace_method == "deflated":
-            fail(
-                "hessian.trace_method",
-                "'deflated' is not supported by backend.kind: ray yet; use backend.kind: local "
-                "or hessian.trace_method: hutchinson",
-            )
         batches = -(-self.data.hessian_samples // self.data.hessian_batch_size)
         if self.backend.data_shards > batches:
             fail(

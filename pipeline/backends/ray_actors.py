@@ -24,8 +24,9 @@ import ray
 import torch
 import torch.distributed as dist
 
+from hawq.hessian.trace_deflated import Deflation, joint_probe_samples
 from hawq.hvp import HessianError, HessianOperator
-from hawq.sensitivity import block_eigen_row
+from hawq.sensitivity import block_eigen
 from hawq.trace import rademacher_probe
 from pipeline.backends.base import Batch, HessianJob
 
@@ -77,6 +78,7 @@ class HessianWorker:
         self._job: HessianJob | None = None
         self._blocks: dict = {}
         self._dims: dict[str, int] = {}
+        self._deflation: Deflation | None = None
 
     # ------------------------------------------------------------------ group management
     def ping(self) -> dict:
@@ -169,26 +171,55 @@ class HessianWorker:
             memory_budget_bytes=budget,
             allreduce=self._allreduce if self.world > 1 else None,
         )
-        self._job = job
+        self._job, self._deflation = job, None
         self._blocks = {b.name: b for b in job.blocks}
         self._dims = {b.name: self._op.dim(b.name) for b in job.blocks}
         return {"n_samples": self._op.n_samples, "local_samples": sum(len(y) for _, y in shard)}
 
-    def eigen(self, gen: int, block: str) -> dict:
-        """The computed eigen columns of ``block`` (``EIGEN_RESULT_KEYS``): scalars only."""
+    def eigen(self, gen: int, block: str, keep_basis: bool | None = None) -> dict | tuple:
+        """The computed eigen columns of ``block`` (``EIGEN_RESULT_KEYS``): scalars only.
+
+        With ``keep_basis`` not ``None`` (a call with ``num_returns=2``): the pair (columns,
+        ``(basis, tr(Q H Q^T))`` of the top pair's Lanczos run if ``keep_basis`` and there is
+        one, else ``None``), for the deflated traces; the driver leaves the basis in the object
+        store and hands the reference to every worker.
+        """
         with self._guard(gen):
             assert self._op is not None and self._job is not None
-            row = block_eigen_row(self._op, self._blocks[block], self._job.config)
-        return {k: row[k] for k in EIGEN_RESULT_KEYS}
+            row, top = block_eigen(self._op, self._blocks[block], self._job.config)
+        out = {k: row[k] for k in EIGEN_RESULT_KEYS}
+        if keep_basis is None:
+            return out
+        if not keep_basis or top.basis is None:
+            return out, None
+        return out, (top.basis.cpu().clone(), top.basis_trace)
+
+    def set_deflation(self, gen: int, names: Sequence[str], *parts: tuple | None) -> int:
+        """Deflate later probes with ``parts[i] = (basis, exact)`` of block ``names[i]``.
+
+        ``None`` parts (no Lanczos basis) leave that block's probes plain. Returns how many
+        blocks are deflated.
+        """
+        with self._guard(gen):
+            assert self._op is not None
+            op = self._op
+            kept = {n: p for n, p in zip(names, parts, strict=True) if p is not None}
+            self._deflation = Deflation(
+                bases={n: q.to(dtype=op.dtype, device=op.device) for n, (q, _) in kept.items()},
+                exact={n: e for n, (_, e) in kept.items()},
+            )
+        return len(kept)
 
     def probe(self, gen: int, p: int) -> dict[str, float]:
-        """Hutchinson probe ``p``: ``{block: v_b^T (H v)_b}`` from one joint HVP over all blocks."""
+        """Hutchinson probe ``p``: every block's sample from one joint HVP over all blocks.
+
+        Plain ``v_b^T (H v)_b``, or deflated after :meth:`set_deflation`.
+        """
         with self._guard(gen):
             assert self._op is not None and self._job is not None
             op, seed = self._op, self._job.config.seed
             vs = rademacher_probe(self._dims, seed, p, dtype=op.dtype, device=op.device)
-            hv = op.hvp_joint(vs)
-        return {b: float(vs[b].double() @ hv[b].double()) for b in self._dims}
+            return joint_probe_samples(op, vs, self._deflation)
 
     def counters(self) -> Mapping[str, int]:
         """HVPs applied and first-order graphs cached by this worker's current operator."""
