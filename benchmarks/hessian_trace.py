@@ -78,17 +78,21 @@ def trace_hvps(
     }
 
 
-def _probes(r, cap: int) -> str:
-    """Probes to freeze; for a block that did not, ``>cap (~n)`` with ``n`` projected from its
-    variance: ``stderr = s / sqrt(n) <= tol |mean|`` at ``n = (s / (tol |mean|))^2``."""
+def _probes(r, trace: float, cap: int) -> str:
+    """Probes to freeze; for a block that did not, ``>cap (~n)`` with ``n`` projected."""
     if r.converged:
         return str(r.probes)
-    return f">{cap} (~{projected(r):.0f})"
+    return f">{cap} (~{needed(r, trace):.0f})"
 
 
-def projected(r, tol: float = 0.05) -> float:
-    """Probes a (not frozen) estimate needs for ``stderr <= tol |mean|``, from its variance."""
-    return r.probes * (r.stderr / (tol * abs(r.mean))) ** 2 if r.mean else float("inf")
+def needed(r, trace: float, tol: float = 0.05) -> float:
+    """Probes to freeze (measured), or projected from the sample variance ``s^2 = n se^2``:
+    ``s / sqrt(m) <= tol |trace|`` at ``m = n (se / (tol |trace|))^2``. ``trace`` is one
+    estimate for both estimators (the deflated one, the more precise), so that for blocks
+    neither froze the ratio of the projections is exactly the variance ratio."""
+    if r.converged:
+        return r.probes
+    return r.probes * (r.stderr / (tol * abs(trace))) ** 2 if trace else float("inf")
 
 
 def trace_report(blocks: list[Block], out: dict, md_table) -> str:
@@ -98,33 +102,34 @@ def trace_report(blocks: list[Block], out: dict, md_table) -> str:
     rows = []
     for b in blocks:
         p, d = plain[b.name], defl[b.name]
-        ratio = (p.probes if p.converged else projected(p)) / d.probes
+        ratio = needed(p, d.mean) / needed(d, d.mean)
         rows.append([
             b.name, str(b.n_params), str(out["basis_vectors"][b.name]),
-            f"{p.mean:.4g} ± {p.stderr:.2g}", _probes(p, cap),
-            f"{d.mean:.4g} ± {d.stderr:.2g}", _probes(d, cap),
+            f"{p.mean:.4g} ± {p.stderr:.2g}", _probes(p, d.mean, cap),
+            f"{d.mean:.4g} ± {d.stderr:.2g}", _probes(d, d.mean, cap),
             f"{'~' if not p.converged else ''}{ratio:.2f}x", f"{out['variance_ratio'][b.name]:.1f}",
         ])  # fmt: skip
     hp, hd = out["joint_hvps"]["plain"], out["joint_hvps"]["deflated"]
     ratios = [
-        (plain[b.name].probes if plain[b.name].converged else projected(plain[b.name]))
-        / defl[b.name].probes
+        needed(plain[b.name], defl[b.name].mean) / needed(defl[b.name], defl[b.name].mean)
         for b in blocks
     ]
-    hp_proj = max(r.probes if r.converged else projected(r) for r in plain.values())
+    hp_proj = max(needed(plain[b.name], defl[b.name].mean) for b in blocks)
+    hd_proj = max(needed(defl[b.name], defl[b.name].mean) for b in blocks)
     all_p = all(r.converged for r in plain.values())
     all_d = all(r.converged for r in defl.values())
     rows.append([
         "**all blocks (joint HVPs)**", "", "", "",
         f"**{hp if all_p else f'>{cap} (~{hp_proj:.0f})'}**", "",
-        f"**{hd if all_d else f'>{cap}'}**", f"**{hp_proj / hd:.2f}x**", "",
+        f"**{hd if all_d else f'>{cap} (~{hd_proj:.0f})'}**", f"**{hp_proj / hd_proj:.2f}x**", "",
     ])  # fmt: skip
     header = ["block", "params", "k (basis)", "plain trace ± se", "plain HVPs",
               "deflated trace ± se", "deflated HVPs", "HVP ratio", "variance ratio"]  # fmt: skip
     summary = (
         f"\n(e) joint HVPs until every block's trace stderr <= {out['trace_tol']:.0%}: plain "
         f"{hp if all_p else f'>{cap} (projected from its variance: {hp_proj:.0f})'}, deflated "
-        f"{hd}{'' if all_d else ' (capped)'} ({hp_proj / hd:.2f}x fewer); per block median "
+        f"{hd if all_d else f'>{cap} (projected: {hd_proj:.0f})'} ({hp_proj / hd_proj:.2f}x "
+        f"fewer); per block median "
         f"{statistics.median(ratios):.2f}x, min {min(ratios):.2f}x; per-probe variance ratio "
         f"(plain/deflated, {out['common_probes']} common probes) median "
         f"{statistics.median(out['variance_ratio'].values()):.1f}. The bases come from the "
