@@ -15,7 +15,10 @@ Prints, from one run on real CIFAR-10 training images (``cifar10_subset.npz``):
     grad), eigenvalues side by side with their error against a converged reference
     (hawq Lanczos at tol 1e-8);
 (c) the same with ``--batches`` batches (PyHessian's dataloader mode);
-(d) HVPs per block used by each method.
+(d) HVPs per block used by each method;
+(e) traces: joint HVPs until each block's Hutchinson stderr is <= 5%, plain vs deflated
+    (``hawq.hessian.trace_deflated``) on the same probes, with ``--trace-batches`` batches
+    (section code in ``hessian_trace.py``; ``--only-trace`` runs just this section).
 
 The CPU timings are wall-clock on whatever else runs on the machine; compare the ratios
 from one run. ``--skip-pyhessian``, ``--skip-multi``, ``--blocks N`` give quick runs.
@@ -39,6 +42,9 @@ from hawq.blocks import Block, partition_blocks
 from hawq.hessian.operator import HessianOperator
 from hawq.hessian.table import HessianConfig, block_eigen_row
 from hawq.models import cifar_resnet, load_cifar_checkpoint
+
+sys.path.insert(0, str(Path(__file__).parent))
+from hessian_trace import trace_hvps, trace_report  # noqa: E402
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -308,13 +314,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reps", type=int, default=5, help="timing repetitions in (a)")
     ap.add_argument("--skip-pyhessian", action="store_true")
     ap.add_argument("--skip-multi", action="store_true", help="skip (c)")
+    ap.add_argument("--trace-batches", type=int, default=8, help="batches for (e)")
+    ap.add_argument("--trace-max-probes", type=int, default=400)
+    ap.add_argument("--skip-trace", action="store_true", help="skip (e)")
+    ap.add_argument("--only-trace", action="store_true", help="run (e) only")
     ap.add_argument("--out", type=Path, help="also write the tables as markdown here")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model = load_model(args.data)
-    batches = load_batches(args.data, max(args.batches, 1), args.batch_size)
+    batches = load_batches(args.data, max(args.batches, args.trace_batches, 1), args.batch_size)
     blocks = partition_blocks(model)
     if args.blocks:
         idx = sorted({round(i) for i in np.linspace(0, len(blocks) - 1, args.blocks)})
@@ -330,6 +340,14 @@ def main(argv: list[str] | None = None) -> None:
         report.append(text)
 
     emit("\n".join(report))
+    if not args.skip_trace:
+        out = trace_hvps(model, batches[: args.trace_batches], blocks, tol=args.tol,
+                         seed=args.seed, max_probes=args.trace_max_probes)  # fmt: skip
+        emit(f"\n## (e) Hutchinson traces to 5% stderr, {args.trace_batches} batches\n")
+        emit(trace_report(blocks, out, md_table))
+    if args.only_trace:
+        finish(report, args.out)
+        return
     single = eigen_setting(model, batches[:1], blocks, args)
     emit("\n## (b) top eigenvalue per block, 1 batch\n")
     table, errs = eigen_table(blocks, single["ref"], single["power"], single["lanczos"],
@@ -365,9 +383,13 @@ def main(argv: list[str] | None = None) -> None:
     worst = max(rows, key=lambda r: r["amortised"])
     emit(f"\nworst amortised ratio {worst['amortised']:.2f} ({worst['block']}); "
          f"worst steady ratio {max(r['steady'] for r in rows):.2f}")  # fmt: skip
-    if args.out:
-        args.out.write_text("\n".join(report) + "\n")
-        print(f"\nwrote {args.out}", file=sys.stderr)
+    finish(report, args.out)
+
+
+def finish(report: list[str], out: Path | None) -> None:
+    if out:
+        out.write_text("\n".join(report) + "\n")
+        print(f"\nwrote {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

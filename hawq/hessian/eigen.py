@@ -12,7 +12,9 @@
   to the other Ritz values; for symmetric ``A`` the error is at most ``r`` and ``~r^2/gap``).
   This is about one step earlier than "relative change < tol" on well separated spectra and,
   unlike it, does not stop early when the top eigenvalues are clustered.
-  Far fewer matvecs than power iteration for the same accuracy.
+  Far fewer matvecs than power iteration for the same accuracy. The result keeps the basis
+  (``basis``, ``k x n``, orthonormal rows) and ``basis_trace = tr(T_k) = sum_i q_i^T A q_i =
+  tr(Q_k^T A Q_k)``, free: a variance-reduced trace estimator deflates this subspace.
 * ``top_k``: the ``k`` eigenpairs of largest magnitude by deflation: pair ``i`` is the top pair
   of ``P A P`` with ``P = I - U U^T`` projecting out the ``i`` vectors already found.
 
@@ -39,13 +41,20 @@ METHODS = ("lanczos", "power")
 
 @dataclass(frozen=True, kw_only=True)
 class EigenResult:
-    """An approximate eigenpair; ``residual = ||A v - lambda v|| / |lambda|``."""
+    """An approximate eigenpair; ``residual = ||A v - lambda v|| / |lambda|``.
+
+    Lanczos also returns its Krylov basis ``basis`` (``k x n``, orthonormal rows, ``k = hvps``)
+    and ``basis_trace = tr(Q^T A Q)`` (the sum of the diagonal of ``T_k``); power iteration
+    returns ``None`` for both.
+    """
 
     eigenvalue: float
     eigenvector: Tensor
     hvps: int
     residual: float
     converged: bool
+    basis: Tensor | None = None
+    basis_trace: float | None = None
 
 
 def _check(v0: Tensor, tol: float, max_iter: int) -> None:
@@ -107,6 +116,7 @@ def lanczos(matvec: MatVec, v0: Tensor, *, tol: float = 1e-3, max_iter: int = 50
     """Eigenvalue of largest magnitude by Lanczos with full reorthogonalisation.
 
     ``max_iter`` caps the Krylov dimension (and the ``max_iter x n`` basis kept in memory).
+    The returned ``basis`` is the ``(k, n)`` Krylov basis (a view of the working storage).
     """
     _check(v0, tol, max_iter)
     n = v0.numel()
@@ -162,6 +172,8 @@ def lanczos(matvec: MatVec, v0: Tensor, *, tol: float = 1e-3, max_iter: int = 50
         hvps=k + 1,
         residual=_relative(res, theta),
         converged=converged,
+        basis=basis[: k + 1],
+        basis_trace=math.fsum(alphas),
     )
 
 

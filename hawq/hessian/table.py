@@ -3,7 +3,8 @@
 ``analyze`` opens one :class:`~hawq.hessian.operator.HessianOperator` over the batches, computes
 every block's top eigenvalue (Lanczos or power iteration on ``v -> H_bb v``; HAWQ v1's ``lambda_i``)
 and, if ``config.trace``, every block's trace ``Tr(H_bb)`` from shared Hutchinson probes
-(HAWQ-V2's ``Tr(H_i)``). Sensitivities are then ``eigenvalue / n_params`` or
+(HAWQ-V2's ``Tr(H_i)``; ``trace_method="deflated"`` deflates each block's Lanczos basis
+first, see ``hawq.hessian.trace_deflated``). Sensitivities are then ``eigenvalue / n_params`` or
 ``trace / n_params``; this module reports the raw quantities.
 
 The rows are assembled by public functions (``eigen_row``, ``resumed_row`` for finished rows of
@@ -29,9 +30,10 @@ import torch
 from torch import nn
 
 from hawq.blocks import Block, partition_blocks
-from hawq.hessian.eigen import METHODS, top_k
+from hawq.hessian.eigen import METHODS, EigenResult, top_k
 from hawq.hessian.operator import Batch, HessianOperator, LossFn
 from hawq.hessian.trace import hutchinson, probe_sample
+from hawq.hessian.trace_deflated import TRACE_METHODS, Deflation
 from hawq.optional import progress_bar
 from hawq.seeding import derive_seed
 from hawq.validation import check_int, check_number, check_seed
@@ -77,6 +79,8 @@ class HessianConfig:
     max_iter: int = 100
     top_k: int = 1
     trace: bool = True
+    trace_method: str = "hutchinson"
+    """``hutchinson`` (plain probes) or ``deflated`` (Krylov-deflated, needs ``lanczos``)."""
     trace_tol: float = 0.05
     trace_max_probes: int = 200
     trace_min_probes: int = 10
@@ -92,6 +96,10 @@ class HessianConfig:
         check_int("top_k", self.top_k, low=1)
         if not isinstance(self.trace, bool):
             raise ValueError(f"trace must be a bool, got {self.trace!r}")
+        if self.trace_method not in TRACE_METHODS:
+            raise ValueError(
+                f"trace_method must be one of {TRACE_METHODS}, got {self.trace_method!r}"
+            )
         check_number("trace_tol", self.trace_tol, low=0, low_open=True)
         check_int("trace_min_probes", self.trace_min_probes, low=2)
         check_int("trace_max_probes", self.trace_max_probes, low=self.trace_min_probes)
@@ -132,6 +140,13 @@ def resumed_row(row: Mapping, block: Block, config: HessianConfig) -> dict:
 
 def block_eigen_row(op: HessianOperator, block: Block, config: HessianConfig) -> dict:
     """Compute ``block``'s eigen row (``EIGEN_COLUMNS``): top-k eigenpairs of ``H_bb``."""
+    return block_eigen(op, block, config)[0]
+
+
+def block_eigen(
+    op: HessianOperator, block: Block, config: HessianConfig
+) -> tuple[dict, EigenResult]:
+    """``block``'s eigen row and its top eigen result (with the Lanczos basis)."""
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(derive_seed(config.seed, "eig", block.name))
     v0 = torch.randn(op.dim(block.name), generator=gen, dtype=torch.float64)
@@ -153,7 +168,7 @@ def block_eigen_row(op: HessianOperator, block: Block, config: HessianConfig) ->
         "converged": all(r.converged for r in results),
         "seconds": time.perf_counter() - start,
     }
-    return eigen_row(block, config, computed)
+    return eigen_row(block, config, computed), results[0]
 
 
 def trace_columns(
@@ -175,16 +190,24 @@ def trace_columns(
 
 
 def trace_rows(
-    op: HessianOperator, config: HessianConfig, *, progress: bool = False
+    op: HessianOperator,
+    config: HessianConfig,
+    *,
+    progress: bool = False,
+    deflation: Deflation | None = None,
 ) -> dict[str, dict]:
-    """The trace columns of every block, from one joint HVP per Rademacher probe."""
+    """The trace columns of every block, from one joint HVP per Rademacher probe.
+
+    With ``deflation`` each probe is projected off the blocks' bases first (see
+    ``hawq.hessian.trace_deflated``); without it, plain Hutchinson.
+    """
     dims = {b.name: op.dim(b.name) for b in op.blocks}
     bar = progress_bar(
         total=config.trace_max_probes, desc="hutchinson", unit="probe", disable=not progress
     )
 
     def sample(p: int) -> dict[str, float]:
-        out = probe_sample(op, dims, config.seed, p)
+        out = probe_sample(op, dims, config.seed, p, deflation)
         bar.update(1)
         return out
 
@@ -220,7 +243,9 @@ def analyze(
     """Sensitivity table (``SENSITIVITY_SCHEMA``) of every block of ``model``.
 
     blocks: defaults to ``partition_blocks(model, grouping=grouping)``.
-    done: eigen rows already computed (resume), keyed by block name; reused as they are.
+    done: eigen rows already computed (resume), keyed by block name; reused as they are
+        (with ``trace_method="deflated"`` their Lanczos bases, not persisted, are rebuilt:
+        the same deterministic solve, so the traces equal an uninterrupted run's).
     on_row: called with each newly computed eigen row (not for ``done`` rows), e.g. to
         persist it; trace columns are added to the table after all eigen rows.
     """
@@ -230,6 +255,8 @@ def analyze(
     blocks = list(partition_blocks(model, grouping=grouping) if blocks is None else blocks)
     done = done or {}
     rows: dict[str, dict] = {}
+    deflate = config.trace and config.trace_method == "deflated"
+    tops: dict[str, EigenResult] = {}
     with HessianOperator(
         model, loss_fn, batches, blocks, memory_budget_bytes=config.memory_budget_bytes
     ) as op:
@@ -247,8 +274,10 @@ def analyze(
                 if b.name in done:
                     rows[b.name] = resumed_row(done[b.name], b, config)
                     continue
-                row = block_eigen_row(op, b, config)
+                row, top = block_eigen(op, b, config)
                 rows[b.name] = row
+                if deflate:
+                    tops[b.name] = top
                 spent += row["seconds"]
                 finished = len([r for r in rows if r not in done])
                 logger.info(
@@ -261,5 +290,14 @@ def analyze(
                 bar.update(1)
         finally:
             bar.close()
-        traces = trace_rows(op, config, progress=progress) if config.trace else {}
+        deflation = None
+        if deflate:
+            for b in blocks:
+                if b.name not in tops:
+                    logger.info("block %s: rebuilding its Lanczos basis for the trace", b.name)
+                    tops[b.name] = block_eigen(op, b, config)[1]
+            deflation = Deflation.from_eigen({b.name: tops[b.name] for b in blocks})
+        traces = (
+            trace_rows(op, config, progress=progress, deflation=deflation) if config.trace else {}
+        )
     return sensitivity_table(blocks, rows, traces)

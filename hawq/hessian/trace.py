@@ -19,6 +19,7 @@ import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -26,6 +27,9 @@ from torch import Tensor
 from hawq.hessian.operator import HessianOperator
 from hawq.seeding import derive_seed
 from hawq.validation import check_int, check_number
+
+if TYPE_CHECKING:
+    from hawq.hessian.trace_deflated import Deflation
 
 logger = logging.getLogger(__name__)
 
@@ -60,14 +64,33 @@ def rademacher_probe(
     return out
 
 
-def probe_sample(
-    op: HessianOperator, dims: Mapping[str, int], seed: int, probe: int
+def joint_probe_samples(
+    op: HessianOperator, vs: Mapping[str, Tensor], deflation: Deflation | None = None
 ) -> dict[str, float]:
-    """Hutchinson probe ``probe``'s samples ``{block: v_b^T (H v)_b}`` (float64 dot products)
-    from one joint HVP of ``op`` over the blocks of ``dims`` (name -> size, in block order)."""
-    vs = rademacher_probe(dims, seed, probe, dtype=op.dtype, device=op.device)
+    """Every block's trace sample from probe ``vs`` and one joint HVP (float64 dot products).
+
+    Plain: ``v_b^T (H v)_b``. Deflated (``hawq.hessian.trace_deflated``):
+    ``exact_b + w_b^T (H w)_b`` with ``w = P v``, ``P`` projecting off the block's basis.
+    """
+    if deflation is not None:
+        vs = deflation.project(vs)
     hv = op.hvp_joint(vs)
-    return {b: float(vs[b].double() @ hv[b].double()) for b in dims}
+    exact = deflation.exact if deflation is not None else {}
+    return {b: exact.get(b, 0.0) + float(vs[b].double() @ hv[b].double()) for b in vs}
+
+
+def probe_sample(
+    op: HessianOperator,
+    dims: Mapping[str, int],
+    seed: int,
+    probe: int,
+    deflation: Deflation | None = None,
+) -> dict[str, float]:
+    """Hutchinson probe ``probe``'s samples ``{block: v_b^T (H v)_b}`` from one joint HVP of
+    ``op`` over the blocks of ``dims`` (name -> size, in block order); see
+    :func:`joint_probe_samples` for ``deflation``."""
+    vs = rademacher_probe(dims, seed, probe, dtype=op.dtype, device=op.device)
+    return joint_probe_samples(op, vs, deflation)
 
 
 class _Running:

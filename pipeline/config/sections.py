@@ -59,6 +59,8 @@ class HessianSection(Section):
     """Eigenvalues per block (the largest in magnitude is the 'eigenvalue' column)."""
     trace: bool = True
     """Estimate each block's Hessian trace with Hutchinson probes."""
+    trace_method: Literal["hutchinson", "deflated"] = "hutchinson"
+    """Trace estimator: plain Hutchinson, or deflated (Lanczos basis removed first; fewer HVPs)."""
     trace_tol: float = 0.05
     """Stop a block's trace when its standard error <= trace_tol * |trace|."""
     trace_max_probes: int = 200
@@ -87,6 +89,11 @@ class HessianSection(Section):
             fail(
                 "trace_min_probes",
                 f"{self.trace_min_probes} exceeds hessian.trace_max_probes={self.trace_max_probes}",
+            )
+        if self.trace_method == "deflated" and self.method != "lanczos":
+            fail(
+                "trace_method",
+                "'deflated' deflates the Lanczos bases: needs hessian.method: lanczos",
             )
         for i, pair in enumerate(self.patterns):
             if len(pair) != 2:

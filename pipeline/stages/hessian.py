@@ -2,8 +2,10 @@
 
 Each block's eigen row is written to ``blocks/<index>.parquet`` the moment it finishes; a
 resumed run passes those rows to the backend as ``done`` so only the missing blocks (and the
-Hutchinson trace, which needs every block at once) are computed. Output: ``sensitivity.parquet``
-(``hawq.hessian.table.SENSITIVITY_SCHEMA`` + ``stage_key``).
+Hutchinson trace, which needs every block at once) are computed; with
+``hessian.trace_method: deflated`` the done blocks' Lanczos bases, which are not persisted, are
+solved again for the trace (same numbers, their eigen HVPs once more). Output:
+``sensitivity.parquet`` (``hawq.hessian.table.SENSITIVITY_SCHEMA`` + ``stage_key``).
 """
 
 from __future__ import annotations

@@ -25,8 +25,9 @@ import torch
 import torch.distributed as dist
 
 from hawq.hessian.operator import HessianError, HessianOperator
-from hawq.hessian.table import EIGEN_RESULT_COLUMNS, block_eigen_row
+from hawq.hessian.table import EIGEN_RESULT_COLUMNS, block_eigen
 from hawq.hessian.trace import probe_sample
+from hawq.hessian.trace_deflated import Deflation
 from pipeline.backends.base import Batch, HessianJob
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ class HessianWorker:
         self._blocks: dict = {}
         self._dims: dict[str, int] = {}
         self._shard_size = 0
+        self._deflation: Deflation | None = None
 
     # ------------------------------------------------------------------ group management
     def ping(self) -> dict:
@@ -167,7 +169,7 @@ class HessianWorker:
             memory_budget_bytes=budget,
             allreduce=self._allreduce if self.world > 1 else None,
         )
-        self._job = job
+        self._job, self._deflation = job, None
         self._blocks = {b.name: b for b in job.blocks}
         self._dims = {b.name: self._op.dim(b.name) for b in job.blocks}
         self._shard_size = sum(x.shape[0] for x, _ in batches)
@@ -177,18 +179,48 @@ class HessianWorker:
         """Samples of the data shard this worker holds (0 before ``load``)."""
         return self._shard_size
 
-    def eigen(self, gen: int, block: str) -> dict:
-        """The computed eigen columns of ``block`` (``EIGEN_RESULT_COLUMNS``): scalars only."""
+    def eigen(self, gen: int, block: str, keep_basis: bool | None = None) -> dict | tuple:
+        """The computed eigen columns of ``block`` (``EIGEN_RESULT_COLUMNS``): scalars only.
+
+        With ``keep_basis`` not ``None`` (a call with ``num_returns=2``): the pair (columns,
+        ``(basis, tr(Q H Q^T))`` of the top pair's Lanczos run if ``keep_basis`` and there is
+        one, else ``None``), for the deflated traces; the driver leaves the basis in the object
+        store and hands the reference to every worker.
+        """
         with self._guard(gen):
             assert self._op is not None and self._job is not None
-            row = block_eigen_row(self._op, self._blocks[block], self._job.config)
-        return {k: row[k] for k in EIGEN_RESULT_COLUMNS}
+            row, top = block_eigen(self._op, self._blocks[block], self._job.config)
+        out = {k: row[k] for k in EIGEN_RESULT_COLUMNS}
+        if keep_basis is None:
+            return out
+        if not keep_basis or top.basis is None:
+            return out, None
+        return out, (top.basis.cpu().clone(), top.basis_trace)
+
+    def set_deflation(self, gen: int, names: Sequence[str], *parts: tuple | None) -> int:
+        """Deflate later probes with ``parts[i] = (basis, exact)`` of block ``names[i]``.
+
+        ``None`` parts (no Lanczos basis) leave that block's probes plain. Returns how many
+        blocks are deflated.
+        """
+        with self._guard(gen):
+            assert self._op is not None
+            op = self._op
+            kept = {n: p for n, p in zip(names, parts, strict=True) if p is not None}
+            self._deflation = Deflation(
+                bases={n: q.to(dtype=op.dtype, device=op.device) for n, (q, _) in kept.items()},
+                exact={n: e for n, (_, e) in kept.items()},
+            )
+        return len(kept)
 
     def probe(self, gen: int, p: int) -> dict[str, float]:
-        """Hutchinson probe ``p``: ``{block: v_b^T (H v)_b}`` from one joint HVP over all blocks."""
+        """Hutchinson probe ``p``: every block's sample from one joint HVP over all blocks.
+
+        Plain ``v_b^T (H v)_b``, or deflated after :meth:`set_deflation`.
+        """
         with self._guard(gen):
             assert self._op is not None and self._job is not None
-            return probe_sample(self._op, self._dims, self._job.config.seed, p)
+            return probe_sample(self._op, self._dims, self._job.config.seed, p, self._deflation)
 
     def counters(self) -> Mapping[str, int]:
         """HVPs applied and first-order graphs cached by this worker's current operator."""

@@ -15,6 +15,13 @@ so traces equal the single-process ones; rows and the table come from the same
 ``hawq.hessian.table`` functions as ``analyze``. Only scalars cross to the driver
 (``stats["bytes_to_driver"]``).
 
+Deflated traces (``trace_method="deflated"``): rank 0 of the group that solves a block also
+returns the block's Lanczos basis as a second object, which the driver owns but never fetches;
+once every block is solved (blocks in ``done`` are solved again for their bases, rows unused),
+each worker receives every block's basis reference (``set_deflation``, object store to actor;
+``k_b x n_b`` floats per block on every worker) and probes start. A rebuilt group gets them
+again after ``load``.
+
 Faults. A failed call (actor died, collective broken or timed out) makes the driver wait for
 the group's actors (Ray restarts them, ``max_actor_restarts``), rebuild the group's process
 group with a new generation, reload the job and redo the work item: HVPs are pure functions of
@@ -69,6 +76,7 @@ class _Call:
     refs: list[ray.ObjectRef]
     attempt: int
     values: dict[int, Any] = field(default_factory=dict)
+    basis: ray.ObjectRef | None = None  # rank 0's (basis, exact) when traces are deflated
 
 
 class RayBackend:
@@ -93,6 +101,8 @@ class RayBackend:
         self.placement: dict[tuple[int, int], dict] = {}
         self._gens = [0] * self.config.block_groups
         self._inflight: dict[int, _Call] = {}
+        self._deflation_args: list | None = None  # [names, *basis refs] once all are solved
+        self._deflate = False
 
     # ------------------------------------------------------------------ cluster and actors
     def _connect(self) -> None:
@@ -210,6 +220,20 @@ class RayBackend:
             for d, a in enumerate(self.actors[g])
         ]
         self._get(loads)
+        if self._deflation_args is not None:
+            self._send_deflation(groups)
+
+    def _send_deflation(self, groups: list[int]) -> None:
+        """Hand every block's basis reference to the workers of ``groups``."""
+        args = self._deflation_args
+        counts = self._get([a.set_deflation.remote(self._gens[g], *args)
+                            for g in groups for a in self.actors[g]])  # fmt: skip
+        if min(counts) < len(args[0]):
+            logger.warning(
+                "trace_method='deflated': %d of %d blocks have no Lanczos basis (power "
+                "iteration); their traces use plain Hutchinson probes", len(args[0]) - min(counts),
+                len(args[0]),
+            )  # fmt: skip
 
     def _recover(self, g: int, error: BaseException) -> None:
         """Wait for group ``g``'s actors, rebuild its process group and reload the job."""
@@ -229,8 +253,14 @@ class RayBackend:
 
     # ------------------------------------------------------------------ work items
     def _submit(self, g: int, kind: str, key: Any, attempt: int = 0) -> _Call:
-        refs = [getattr(a, kind).remote(self._gens[g], key) for a in self.actors[g]]
-        call = _Call(group=g, kind=kind, key=key, refs=refs, attempt=attempt)
+        basis = None
+        if kind == "eigen" and self._deflate:
+            pairs = [a.eigen.options(num_returns=2).remote(self._gens[g], key, d == 0)
+                     for d, a in enumerate(self.actors[g])]  # fmt: skip
+            refs, basis = [row for row, _ in pairs], pairs[0][1]
+        else:
+            refs = [getattr(a, kind).remote(self._gens[g], key) for a in self.actors[g]]
+        call = _Call(group=g, kind=kind, key=key, refs=refs, attempt=attempt, basis=basis)
         self._inflight[g] = call
         self._emit("submit", group=g, kind=kind, key=key, attempt=attempt)
         return call
@@ -251,7 +281,7 @@ class RayBackend:
 
     def _probe_limit(self) -> int:
         cfg = self._job.config
-        if not cfg.trace:
+        if not cfg.trace or (self._deflate and self._deflation_args is None):
             return 0
         ahead = max(cfg.trace_min_probes, self._probe_waiting + self.config.block_groups)
         return min(cfg.trace_max_probes, ahead)
@@ -309,6 +339,11 @@ class RayBackend:
             self.stats["probes_computed"] += 1
             self._emit("probe", group=call.group, kind="probe", key=call.key)
             return
+        if call.basis is not None:
+            self._bases[call.key] = call.basis
+        if call.key in self._rows:  # a resumed block solved again for its basis only
+            self.stats["bases_rebuilt"] += 1
+            return
         block = self._by_name[call.key]
         row = eigen_row(block, self._job.config, first)
         self._rows[block.name] = row
@@ -349,10 +384,13 @@ class RayBackend:
         blocks = list(job.blocks)
         self._by_name = {b.name: b for b in blocks}
         rows = {b.name: resumed_row(done[b.name], b, hcfg) for b in blocks if b.name in done}
-        todo = sorted((b for b in blocks if b.name not in done), key=lambda b: -b.n_params)
+        self._deflate = hcfg.trace and hcfg.trace_method == "deflated"
+        self._deflation_args, self._bases = None, {}
+        solve = [b for b in blocks if b.name not in done or self._deflate]
+        todo = sorted(solve, key=lambda b: -b.n_params)
         self.stats = dict.fromkeys(
             ("bytes_to_driver", "bytes_results", "recoveries", "blocks_computed", "eigen_hvps",
-             "probes_computed", "probes_used"), 0)  # fmt: skip
+             "probes_computed", "probes_used", "bases_rebuilt"), 0)  # fmt: skip
         self.stats.update(blocks_skipped=len(rows), data_shards=cfg.data_shards,
                           block_groups=cfg.block_groups)  # fmt: skip
         t0 = time.perf_counter()
@@ -383,6 +421,10 @@ class RayBackend:
         try:
             while self._blocks_todo or any(c.kind == "eigen" for c in self._inflight.values()):
                 self._step()
+            if self._deflate:
+                self._deflation_args = [[b.name for b in blocks],
+                                        *[self._bases[b.name] for b in blocks]]  # fmt: skip
+                self._send_deflation(list(range(cfg.block_groups)))
             t2 = time.perf_counter()
             traces: dict[str, dict] = {}
             if hcfg.trace:
@@ -393,6 +435,7 @@ class RayBackend:
         finally:
             self._bar.close()
             self._drain()
+            self._deflation_args, self._bases = None, {}
         self.stats.update(seconds_setup=t1 - t0, seconds_eigen=t2 - t1,
                           seconds_trace=time.perf_counter() - t2)  # fmt: skip
         return sensitivity_table(blocks, rows, traces)
