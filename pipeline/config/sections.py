@@ -30,7 +30,15 @@ if TYPE_CHECKING:  # hawq (torch) and the Ray backend config load only when a se
     from hawq import AllocConfig, HessianConfig, OrderConfig, QATConfig
     from pipeline.backends.ray.config import RayBackendConfig
 
-BUILTIN_MODELS = ("cifar_resnet20", "cifar_resnet32", "cifar_resnet56", "mlp", "small_cnn")
+BUILTIN_MODELS = (
+    "cifar_resnet20",
+    "cifar_resnet32",
+    "cifar_resnet56",
+    "squeezenext23",
+    "squeezenext23v5",
+    "mlp",
+    "small_cnn",
+)
 # name -> (channels, native image size, classes) of the datasets whose shape is fixed.
 DATASET_SHAPES = {"digits": (1, 8, 10), "fashion_mnist": (1, 28, 10), "cifar10": (3, 32, 10)}
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
@@ -167,7 +175,7 @@ class HessianSection(Section):
     trace_min_probes: int = 10
     seed: int = 0
     memory_budget_mb: float | None = 4096.0  # cached first-order graphs; null = all, 0 = none
-    grouping: Literal["layer", "residual"] = "layer"
+    grouping: Literal["layer", "residual", "inverted_residual", "fire"] = "layer"  # hawq.blocks
     patterns: tuple[tuple[str, ...], ...] = ()  # [regex, block_name] pairs tried first
     dtype: Literal["float32", "float64"] = "float32"
 
