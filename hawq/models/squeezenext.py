@@ -16,6 +16,12 @@ Block with input ``C_in``, output ``C_out`` and reduction ``d`` (1 for a stride-
 1x3 then 3x1 in odd ones, as in the reference), 1x1 ``r -> C_out``; the shortcut is the input,
 or a 1x1 projection ``C_in -> C_out`` (with the stride) when the shape changes; the sum goes
 through a ReLU. 1.0-SqNxt-23 for 1000 classes has 717,280 parameters (0.72M in the paper).
+
+Initialisation: the reference's Caffe "xavier" filler (uniform, variance 1/fan_in), BatchNorm
+at scale 1. (Zero-initialising the last BatchNorm scale of each unit, as for ResNets, would
+leave the branches dead here: a ReLU follows it, and ReLU'(0) = 0.) The 21 residual sums make
+the first layers' train-mode gradients large on small batches of small images (about 750 on
+4 images of 64x64, 10^4 at 32x32, 100 at 227x227): use small learning rates there.
 """
 
 from __future__ import annotations
@@ -125,9 +131,9 @@ class SqueezeNext(nn.Module):
         head = int(HEAD_CHANNELS * width)
         self.head = ConvBNReLU(channels, head, (1, 1))
         self.fc = nn.Linear(head, num_classes, bias=False)
-        for m in self.modules():
+        for m in self.modules():  # Caffe's "xavier" filler of the reference: U(+-sqrt(3/fan_in))
             if isinstance(m, nn.Conv2d | nn.Linear):
-                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                nn.init.kaiming_uniform_(m.weight, nonlinearity="linear")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool(self.stem(x))
