@@ -20,6 +20,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from tiny_run import REPO
 from torch import nn
 
 from hawq.blocks import partition_blocks
@@ -172,3 +173,18 @@ def test_whole_pipeline_on_tiny_images(name: str, tmp_path: Path):
     patterns = [tuple(p) for p in hessian.get("patterns", [])] or None
     blocks = partition_blocks(model, grouping=hessian["grouping"], patterns=patterns)
     assert [b.name for b in blocks] == expected_blocks
+
+
+@needs_torchvision
+def test_shipped_inception_config_model_takes_299_and_at_least_75():
+    """The CI run above uses 75x75; the shipped config's network runs at the paper's 299x299."""
+    import torch
+
+    section = yaml.safe_load((REPO / "configs/inception_v3_imagenet.yaml").read_text())["model"]
+    section.update(checkpoint=None, checkpoint_ignore=[])
+    model = build_model(ModelConfig(**section)).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 299, 299)).shape == (1, 1000)
+        assert model(torch.randn(1, 3, 75, 75)).shape == (1, 1000)
+        with pytest.raises(RuntimeError, match="Kernel size can't be greater"):
+            model(torch.randn(1, 3, 74, 74))
