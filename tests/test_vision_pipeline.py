@@ -123,6 +123,7 @@ def weight_modules(model: nn.Module) -> dict[str, int]:
     }
 
 
+@pytest.mark.slow  # ~2 min for the six on 2 busy cores (CI runs slow tests too)
 @pytest.mark.parametrize(
     "name",
     [
