@@ -1,9 +1,11 @@
 """Partition a network's weights into the Hessian blocks that HAWQ scores.
 
 HAWQ treats the Hessian as block diagonal: block ``b`` holds the weights (and biases) of one
-``Conv*d``/``Linear`` module (``grouping="layer"``) or of a whole residual block
-(``grouping="residual"``), and its sensitivity comes from ``H_bb`` alone. BatchNorm (and any
-other non-Conv/Linear) parameters belong to no block.
+``Conv*d``/``Linear`` module (``grouping="layer"``) or of a whole building block of the
+architecture, recognised by its class name (:data:`BLOCK_CLASS_NAMES`): a residual block
+(``"residual"``), an inverted-residual block (``"inverted_residual"``) or a fire module
+(``"fire"``). Its sensitivity comes from ``H_bb`` alone. BatchNorm (and any other
+non-Conv/Linear) parameters belong to no block.
 """
 
 from __future__ import annotations
@@ -18,9 +20,14 @@ from torch.nn.modules.conv import _ConvNd
 
 logger = logging.getLogger(__name__)
 
-GROUPINGS = ("layer", "residual")
-RESIDUAL_CLASS_NAMES = frozenset({"BasicBlock", "Bottleneck"})
-"""Class names of residual blocks (torchvision's ResNet and ``hawq.models``' CIFAR ResNet)."""
+BLOCK_CLASS_NAMES: dict[str, frozenset[str]] = {
+    # torchvision's ResNet and hawq.models' CIFAR ResNet and SqueezeNext
+    "residual": frozenset({"BasicBlock", "Bottleneck", "SqueezeNextBlock"}),
+    "inverted_residual": frozenset({"InvertedResidual"}),  # torchvision's MobileNet-V2
+    "fire": frozenset({"Fire"}),  # torchvision's SqueezeNet 1.0 / 1.1
+}
+"""grouping -> the class names of the modules that become one block each."""
+GROUPINGS = ("layer", *BLOCK_CLASS_NAMES)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,11 +59,31 @@ def _direct_params(prefix: str, module: nn.Module) -> list[tuple[str, int]]:
     ]
 
 
-def _residual_owner(name: str, residual_names: list[str]) -> str | None:
-    for owner in residual_names:
+def _block_owner(name: str, owners: list[str]) -> str | None:
+    for owner in owners:
         if owner == "" or name == owner or name.startswith(owner + "."):
             return owner
     return None
+
+
+def _block_owners(model: nn.Module, named: list[tuple[str, nn.Module]], grouping: str) -> list[str]:
+    """FQNs of the outermost modules whose class the grouping names (``[]`` for "layer")."""
+    if grouping == "layer":
+        return []
+    classes = BLOCK_CLASS_NAMES[grouping]
+    owners: list[str] = []
+    for name, module in named:
+        if type(module).__name__ in classes and _block_owner(name, owners) is None:
+            owners.append(name)
+    if not owners:
+        present = {type(m).__name__ for _, m in named}
+        fits = [g for g, names in BLOCK_CLASS_NAMES.items() if names & present]
+        raise ValueError(
+            f"grouping {grouping!r} found no {'/'.join(sorted(classes))} module in "
+            f"{type(model).__name__}; use grouping 'layer'"
+            + (f" or {' / '.join(repr(g) for g in fits)}" if fits else "")
+        )
+    return owners
 
 
 def partition_blocks(
@@ -67,10 +94,13 @@ def partition_blocks(
 ) -> list[Block]:
     """Group the model's Conv/Linear modules into blocks, in module order.
 
-    grouping: ``"layer"`` gives one block per Conv/Linear module (named by its FQN);
-        ``"residual"`` gives one block per residual module (class name ``BasicBlock`` or
-        ``Bottleneck``, outermost wins, named by its FQN) holding every Conv/Linear inside it,
-        and one block per remaining Conv/Linear.
+    grouping: ``"layer"`` gives one block per Conv/Linear module (named by its FQN); a key of
+        :data:`BLOCK_CLASS_NAMES` (``"residual"``: ``BasicBlock``/``Bottleneck``/
+        ``SqueezeNextBlock``, ``"inverted_residual"``: ``InvertedResidual``, ``"fire"``:
+        ``Fire``) gives one block per module of those classes (outermost wins, named by its
+        FQN) holding every Conv/Linear inside it, and one block per remaining Conv/Linear. A
+        model without any module of the grouping's classes is a ``ValueError`` naming the
+        groupings that would match.
     patterns: ordered ``(regex, block_name)`` pairs tried before ``grouping``; the first regex
         that ``re.fullmatch``-es a Conv/Linear module's FQN assigns it to block
         ``match.expand(block_name)`` (so ``(r"layer(\\d)\\..*", r"stage\\1")`` works). Modules
@@ -94,12 +124,7 @@ def partition_blocks(
             raise ValueError(f"patterns[{i}]: invalid regex {regex!r}: {exc}") from exc
 
     named = list(model.named_modules())
-    residual_names: list[str] = []
-    if grouping == "residual":
-        for name, module in named:
-            is_res = type(module).__name__ in RESIDUAL_CLASS_NAMES
-            if is_res and _residual_owner(name, residual_names) is None:
-                residual_names.append(name)
+    owners = _block_owners(model, named, grouping)
 
     groups: dict[str, list[str]] = {}
     used_patterns: set[int] = set()
@@ -114,7 +139,7 @@ def partition_blocks(
                 used_patterns.add(i)
                 break
         if block_name is None:
-            owner = _residual_owner(name, residual_names)
+            owner = _block_owner(name, owners)
             block_name = owner if owner else name
         if not block_name:
             raise ValueError(f"module {name!r} maps to an empty block name")

@@ -1,6 +1,7 @@
 """Build the network a config names, and load its checkpoint.
 
-Names: ``cifar_resnet20/32/56`` (``hawq.models``), ``mlp`` and ``small_cnn`` (small models for
+Names: ``cifar_resnet20/32/56`` and ``squeezenext23`` / ``squeezenext23v5`` (``hawq.models``;
+SqueezeNext takes ``model.kwargs: {width: 1.0}``), ``mlp`` and ``small_cnn`` (small models for
 digits / Fashion-MNIST, defined here), ``torchvision:<name>`` (optional dependency, built with
 ``weights=None``) and ``package.module:factory`` (called with ``**model.kwargs``, plus
 ``num_classes`` / ``in_channels`` when its signature takes them).
@@ -43,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 TORCHVISION_HINT = "pip install torch==2.14.1 torchvision==0.29.1"
 _CIFAR_DEPTHS = {"cifar_resnet20": 20, "cifar_resnet32": 32, "cifar_resnet56": 56}
+_SQUEEZENEXT_VERSIONS = {"squeezenext23": "23", "squeezenext23v5": "23v5"}
 
 
 class MLP(nn.Module):
@@ -124,6 +126,19 @@ def construct_model(
             return cifar_resnet(
                 _CIFAR_DEPTHS[name], num_classes=num_classes, in_channels=in_channels
             )
+        if name in _SQUEEZENEXT_VERSIONS:
+            from hawq.models import squeezenext
+
+            unknown = sorted(set(kwargs) - {"width"})
+            if unknown:
+                raise ConfigError("model.kwargs", f"{name} takes only 'width', got {unknown}")
+            version = _SQUEEZENEXT_VERSIONS[name]
+            try:
+                return squeezenext(
+                    version, num_classes=num_classes, in_channels=in_channels, **kwargs
+                )
+            except ValueError as exc:
+                raise ConfigError("model.kwargs", f"{name}: {exc}") from None
         if name == "mlp":
             if image_size is None:
                 raise ConfigError("model.image_size", "model 'mlp' needs the input size")

@@ -14,13 +14,14 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null &
 fi
 
 # The venv is reinstalled only when pyproject.toml or constraints.txt changed (a stamp of both).
-# Always with -c constraints.txt: the tested versions, and torch 2.13.0 as the CPU build.
+# Always with -c constraints.txt: the tested versions, including the pair torch 2.14.1 +
+# torchvision 0.29.1 (the [vision] extra, so that the torchvision tests run in CI).
 stamp=.venv/.installed-$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ]; then
-  echo "[setup] creating .venv and installing hawq[dev] with the versions of constraints.txt"
+  echo "[setup] creating .venv and installing hawq[dev,vision] with the versions of constraints.txt"
   [ -x .venv/bin/python ] || "$PY" -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip==25.3
-  .venv/bin/python -m pip install -q -c constraints.txt -e '.[dev]'
+  .venv/bin/python -m pip install -q -c constraints.txt -e '.[dev,vision]'
   rm -f .venv/.installed-*
   touch "$stamp"
 fi

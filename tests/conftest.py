@@ -38,7 +38,7 @@ class Problem:
     batches: list[tuple[Tensor, Tensor]]
 
 
-def _randomise_bn(model: nn.Module, gen: torch.Generator) -> None:
+def randomise_bn(model: nn.Module, gen: torch.Generator) -> None:
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
             with torch.no_grad():
@@ -68,7 +68,7 @@ def tiny_cnn_bn() -> nn.Module:
         nn.Flatten(),
         nn.Linear(4, 3),
     ).double()
-    _randomise_bn(model, torch.Generator().manual_seed(11))
+    randomise_bn(model, torch.Generator().manual_seed(11))
     return model
 
 
@@ -90,7 +90,7 @@ class TinyResNet(nn.Module):
 def tiny_residual() -> nn.Module:
     torch.manual_seed(2)
     model = TinyResNet().double()
-    _randomise_bn(model, torch.Generator().manual_seed(12))
+    randomise_bn(model, torch.Generator().manual_seed(12))
     return model
 
 

@@ -140,3 +140,20 @@ def test_derive_seed_stable_distinct_and_in_range():
     assert out.returncode == 0, out.stderr
     assert int(out.stdout) == derive_seed(7, "eig", "conv1")
     torch.Generator().manual_seed(derive_seed(7, "eig", "conv1"))  # accepted as a seed
+
+
+def test_grouping_without_its_block_class_names_the_fitting_grouping():
+    with pytest.raises(ValueError, match=r"found no Fire module in CifarResNet.* or 'residual'"):
+        partition_blocks(cifar_resnet(20), grouping="fire")
+    with pytest.raises(ValueError, match=r"found no InvertedResidual .*use grouping 'layer'$"):
+        partition_blocks(nn.Sequential(nn.Linear(2, 2)), grouping="inverted_residual")
+
+
+def test_pipeline_config_accepts_exactly_the_hawq_groupings():
+    import typing
+
+    from hawq.blocks import GROUPINGS
+    from pipeline.config.sections import HessianSection
+
+    hints = typing.get_type_hints(HessianSection)
+    assert typing.get_args(hints["grouping"]) == GROUPINGS

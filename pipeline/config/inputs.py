@@ -12,7 +12,15 @@ from typing import Any, Literal
 
 from pipeline.config.strict import Section, check_positive, check_seed, fail
 
-BUILTIN_MODELS = ("cifar_resnet20", "cifar_resnet32", "cifar_resnet56", "mlp", "small_cnn")
+BUILTIN_MODELS = (
+    "cifar_resnet20",
+    "cifar_resnet32",
+    "cifar_resnet56",
+    "squeezenext23",
+    "squeezenext23v5",
+    "mlp",
+    "small_cnn",
+)
 # name -> (channels, native image size, classes) of the datasets whose shape is fixed.
 DATASET_SHAPES = {"digits": (1, 8, 10), "fashion_mnist": (1, 28, 10), "cifar10": (3, 32, 10)}
 IMPORT_PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")

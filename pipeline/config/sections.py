@@ -71,8 +71,8 @@ class HessianSection(Section):
     """Seed of the eigen start vectors and the Rademacher probes."""
     memory_budget_mb: float | None = 4096.0
     """Cap on cached first-order graphs; null = cache every batch, 0 = rebuild for each HVP."""
-    grouping: Literal["layer", "residual"] = "layer"
-    """Blocks: each Conv/Linear layer, or each residual block."""
+    grouping: Literal["layer", "residual", "inverted_residual", "fire"] = "layer"
+    """Blocks: each Conv/Linear layer, or each residual / inverted-residual / fire module."""
     patterns: tuple[tuple[str, ...], ...] = ()
     """[regex, block_name] pairs tried before the grouping (modules matching go to block_name)."""
     dtype: Literal["float32", "float64"] = "float32"
