@@ -20,7 +20,6 @@ import os
 from collections.abc import Mapping
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from hawq.deploy.frozen import FrozenConv2d, FrozenLinear
@@ -57,6 +56,8 @@ def integer_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def read_exported(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], BitConfig | None]:
     """Tensors of an exported safetensors file and the bit config in its metadata (if any)."""
+    from safetensors import safe_open  # only when reading files: the library imports without it
+
     with safe_open(os.fspath(path), "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
         meta = f.metadata() or {}
