@@ -41,6 +41,8 @@ logger = logging.getLogger(__name__)
 STATE_FORMAT = "hawq.qat/1"
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 Data = tuple[torch.Tensor, torch.Tensor] | Callable[[torch.Generator], Batches]
+StepHook = Callable[[int, int, Callable[[], "QATState"]], None]
+"""``on_step(global_epoch, steps_done_in_epoch, capture)``: after every optimizer step."""
 
 __all__ = [
     "STATE_FORMAT",
@@ -254,6 +256,7 @@ def run_qat(
     state: QATState | None = None,
     teacher: nn.Module | None = None,
     on_epoch_end: Callable[[EpochRecord, QATState], bool | None] | None = None,
+    on_step: StepHook | None = None,
 ) -> list[EpochRecord]:
     """Block-wise QAT of ``model`` in place; returns all epoch records (resumed ones included).
 
@@ -263,6 +266,10 @@ def run_qat(
     only to tensors). To resume, pass a *float* model built as for the original run plus
     ``state``.
     ``on_epoch_end(record, state)`` runs after every epoch; returning True stops the run.
+    ``on_step(global_epoch, steps_done, capture)`` runs after every optimizer step;
+    ``capture()`` returns the mid-epoch :class:`QATState` (model, optimizer, RNG, the epoch's
+    running sums and its step): resumed from, the epoch redraws its data order from its seed,
+    skips the ``steps_done`` batches already trained on and ends bit-identically.
     """
     stages = [list(s) for s in stages]
     if not stages or any(not s for s in stages):
@@ -270,6 +277,7 @@ def run_qat(
     return _train(
         model, stages, train_data, eval_data, config,
         bit_config=bit_config, state=state, teacher=teacher, on_epoch_end=on_epoch_end,
+        on_step=on_step,
     )  # fmt: skip
 
 
@@ -281,17 +289,20 @@ def train_float(
     *,
     state: QATState | None = None,
     on_epoch_end: Callable[[EpochRecord, QATState], bool | None] | None = None,
+    on_step: StepHook | None = None,
 ) -> list[EpochRecord]:
     """Train a float ``model`` in place for ``config.epochs`` epochs: the QAT loop, unquantized.
 
     One stage that quantizes nothing, so the LR schedule, data order, RNG handling, records and
-    bit-identical resume (``state``, ``on_epoch_end``) are exactly those of :func:`run_qat`.
+    bit-identical resume (``state``, ``on_epoch_end``, ``on_step``) are exactly those of
+    :func:`run_qat`.
     """
     if config.loss != "ce":
         raise ValueError(f"float training has no teacher: loss must be 'ce', got {config.loss!r}")
     return _train(
         model, [[]], train_data, eval_data, config,
         bit_config=None, state=state, teacher=None, on_epoch_end=on_epoch_end,
+        on_step=on_step,
     )  # fmt: skip
 
 
@@ -306,6 +317,7 @@ def _train(
     state: QATState | None,
     teacher: nn.Module | None,
     on_epoch_end: Callable[[EpochRecord, QATState], bool | None] | None,
+    on_step: StepHook | None = None,
 ) -> list[EpochRecord]:
     """The loop of :func:`run_qat` / :func:`train_float` (``bit_config=None``: no quantization)."""
     if config.loss == "distill":
@@ -319,12 +331,13 @@ def _train(
         "bit_config": None if bit_config is None else bit_config.to_dict(),
     }
     history: list[EpochRecord] = []
-    stage0, epoch0, opt_state = 0, 0, None
+    stage0, epoch0, opt_state, partial = 0, 0, None, None
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         if state is None:
             torch.manual_seed(derive_seed(config.seed, "qat-torch"))
         else:
             stage0, epoch0, opt_state, history = _restore(model, state, base_meta, bit_config)
+            partial = state.meta.get("partial")  # a mid-epoch state: the epoch's progress
         for s in range(stage0, len(stages)):
             if opt_state is None:  # entering stage s afresh
                 if bit_config is not None:
@@ -341,7 +354,16 @@ def _train(
                 opt_state = None
             for e in range(epoch0 if s == stage0 else 0, config.epochs):
                 g = s * config.epochs + e
-                rec = _train_epoch(model, opt, train_data, eval_data, config, teacher, dev, s, e, g)
+                hook = None
+                if on_step is not None:
+                    meta = {**base_meta, "stage": s, "epoch": e, "global_epoch": g,
+                            "history": [asdict(r) for r in history]}  # fmt: skip
+                    hook = _step_hook(on_step, model, opt, meta)
+                rec = _train_epoch(
+                    model, opt, train_data, eval_data, config, teacher, dev, s, e, g,
+                    partial=partial, on_step=hook,
+                )  # fmt: skip
+                partial = None
                 history.append(rec)
                 ev = "-" if rec.eval_acc is None else f"{rec.eval_acc:.4f}"
                 logger.info(
@@ -362,15 +384,33 @@ def _train(
     return history
 
 
-def _train_epoch(model, opt, train_data, eval_data, cfg, teacher, dev, s, e, g) -> EpochRecord:
+def _step_hook(on_step: StepHook, model: nn.Module, opt: torch.optim.Optimizer, meta: dict):
+    """``(steps_done, sums) -> None`` for :func:`_train_epoch`, calling the user's ``on_step``."""
+
+    def hook(steps: int, sums: dict[str, Any]) -> None:
+        def capture() -> QATState:
+            return _capture(model, opt, {**meta, "partial": {"step": steps, **sums}})
+
+        on_step(meta["global_epoch"], steps, capture)
+
+    return hook
+
+
+def _train_epoch(
+    model, opt, train_data, eval_data, cfg, teacher, dev, s, e, g, *, partial=None, on_step=None
+) -> EpochRecord:
     t0 = time.perf_counter()
     lr = cfg.lr_at(e)
     for group in opt.param_groups:
         group["lr"] = lr
     gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "qat-data", g))
     model.train()
-    tot, correct, n = 0.0, 0, 0
-    for xb, yb in _batches(train_data, cfg.batch_size, gen, True, cfg.drop_last):
+    tot, correct, n, skip = 0.0, 0, 0, 0
+    if partial is not None:  # resumed mid-epoch: same order, the first `skip` batches done
+        tot, correct, n, skip = partial["tot"], partial["correct"], partial["n"], partial["step"]
+    for k, (xb, yb) in enumerate(_batches(train_data, cfg.batch_size, gen, True, cfg.drop_last)):
+        if k < skip:
+            continue
         xb, yb = xb.to(dev), yb.to(dev)
         out = model(xb)
         t_out = None
@@ -385,6 +425,8 @@ def _train_epoch(model, opt, train_data, eval_data, cfg, teacher, dev, s, e, g) 
         tot += loss.item() * b
         correct += int((out.detach().argmax(1) == yb).sum())
         n += b
+        if on_step is not None:
+            on_step(k + 1, {"tot": tot, "correct": correct, "n": n})
     if n == 0:
         raise ValueError("training data is empty")
     ev_loss = ev_acc = None

@@ -174,10 +174,42 @@ def trace_columns(
     }
 
 
+ProbeCallback = Callable[[int, dict[str, float]], None]
+
+
+def resumable_samples(
+    sample_fn: Callable[[int], Mapping[str, float]],
+    done: Mapping[int, Mapping[str, float]] | None = None,
+    on_sample: ProbeCallback | None = None,
+) -> Callable[[int], Mapping[str, float]]:
+    """``sample_fn`` that returns probe ``p``'s samples from ``done`` when there (an earlier,
+    interrupted run), else computes them and passes them to ``on_sample(p, samples)`` (to
+    persist them). Same samples in the same order: the same traces, bit for bit."""
+    done = dict(done or {})
+
+    def sample(p: int) -> Mapping[str, float]:
+        if p in done:
+            return done[p]
+        out = sample_fn(p)
+        if on_sample is not None:
+            on_sample(p, dict(out))
+        return out
+
+    return sample
+
+
 def trace_rows(
-    op: HessianOperator, config: HessianConfig, *, progress: bool = False
+    op: HessianOperator,
+    config: HessianConfig,
+    *,
+    progress: bool = False,
+    probes: Mapping[int, Mapping[str, float]] | None = None,
+    on_probe: ProbeCallback | None = None,
 ) -> dict[str, dict]:
-    """The trace columns of every block, from one joint HVP per Rademacher probe."""
+    """The trace columns of every block, from one joint HVP per Rademacher probe.
+
+    probes: per-probe samples already computed (resume); on_probe: called with each new one.
+    """
     dims = {b.name: op.dim(b.name) for b in op.blocks}
     bar = progress_bar(
         total=config.trace_max_probes, desc="hutchinson", unit="probe", disable=not progress
@@ -189,7 +221,7 @@ def trace_rows(
         return out
 
     try:
-        return trace_columns(sample, list(dims), config)
+        return trace_columns(resumable_samples(sample, probes, on_probe), list(dims), config)
     finally:
         bar.close()
 
@@ -215,6 +247,8 @@ def analyze(
     grouping: str = "layer",
     done: Mapping[str, Mapping] | None = None,
     on_row: Callable[[dict], None] | None = None,
+    probes: Mapping[int, Mapping[str, float]] | None = None,
+    on_probe: ProbeCallback | None = None,
     progress: bool = True,
 ) -> pa.Table:
     """Sensitivity table (``SENSITIVITY_SCHEMA``) of every block of ``model``.
@@ -223,6 +257,7 @@ def analyze(
     done: eigen rows already computed (resume), keyed by block name; reused as they are.
     on_row: called with each newly computed eigen row (not for ``done`` rows), e.g. to
         persist it; trace columns are added to the table after all eigen rows.
+    probes / on_probe: the same for the Hutchinson probes (``{probe: {block: sample}}``).
     """
     config = HessianConfig() if config is None else config
     if not isinstance(config, HessianConfig):
@@ -261,5 +296,9 @@ def analyze(
                 bar.update(1)
         finally:
             bar.close()
-        traces = trace_rows(op, config, progress=progress) if config.trace else {}
+        traces = (
+            trace_rows(op, config, progress=progress, probes=probes, on_probe=on_probe)
+            if config.trace
+            else {}
+        )
     return sensitivity_table(blocks, rows, traces)
