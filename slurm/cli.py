@@ -57,6 +57,9 @@ def _add_submit(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override (repeatable)")  # fmt: skip
     _add_launch_options(p, "RUN_DIR")
+    p.add_argument("--hessian-nodes", type=int, metavar="N",
+                   help="two chained jobs: baseline + Hessian on N nodes (a Ray cluster), then "
+                   "the other stages on --nodes nodes (afterok)")  # fmt: skip
     p.add_argument("--dry-run", action="store_true",
                    help="print the hawq command, run dir, config and sbatch script; submit "
                    "nothing")  # fmt: skip
@@ -186,6 +189,8 @@ def _submit(args: argparse.Namespace) -> int:
     from slurm.launch import describe_submission, outcome, submit_run
 
     cfg = _launch_config(args)
+    if args.hessian_nodes is not None:
+        return _submit_staged(args, cfg)
     if args.dry_run:
         sys.stdout.write(describe_submission(args.config, args.run_dir, args.overrides, cfg))
         return 0
@@ -197,6 +202,28 @@ def _submit(args: argparse.Namespace) -> int:
             f"job {job.job_id}: {result.action} of {result.run_dir} finished "
             f"(restarts: {result.restarts}, ray nodes: {result.ray_nodes})"
         )
+    return 0
+
+
+def _submit_staged(args: argparse.Namespace, cfg: Any) -> int:
+    from dataclasses import replace
+
+    from slurm.launch import describe_submission, outcome
+    from slurm.staged import submit_staged
+
+    hessian_cfg = replace(cfg, nodes=args.hessian_nodes)
+    if args.dry_run:
+        text = describe_submission(args.config, args.run_dir, args.overrides, hessian_cfg)
+        sys.stdout.write(f"# job 1 (baseline, hessian):\n{text}# job 2 (the other stages, "
+                         f"afterok on job 1): {cfg.nodes} node(s)\n")  # fmt: skip
+        return 0
+    first, second = submit_staged(args.config, args.run_dir, args.overrides, hessian_cfg, cfg)
+    print(f"submitted job {first.job_id} (baseline, hessian on {args.hessian_nodes} node(s)) "
+          f"and job {second.job_id} (the rest, afterok)")  # fmt: skip
+    if args.wait:
+        outcome(first)
+        result = outcome(second)
+        print(f"job {second.job_id}: {result.action} of {result.run_dir} finished")
     return 0
 
 

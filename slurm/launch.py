@@ -73,7 +73,9 @@ class HawqRunJob(submitit.helpers.Checkpointable):
         interface: str | None = None,
         snapshot: bool = False,
         stage_cache: str | None = None,
+        until: str | None = None,
     ) -> None:
+        self.until = until  # stop after this stage (a staged submission's first job)
         self.snapshot = snapshot  # config_path is the resolved config submitted: always use it
         self.stage_cache = stage_cache  # a sweep's shared stage cache (pipeline.stage_cache)
         self.config_path = config_path
@@ -107,6 +109,7 @@ class HawqRunJob(submitit.helpers.Checkpointable):
                     (*self.overrides, "backend.kind=ray", f"backend.address={address}"),
                     use_run_config=not self.snapshot,
                     stage_cache=self.stage_cache,
+                    until=self.until,
                 )
             )
         else:
@@ -121,6 +124,7 @@ class HawqRunJob(submitit.helpers.Checkpointable):
                 self.overrides,
                 use_run_config=not self.snapshot,
                 stage_cache=self.stage_cache,
+                until=self.until,
             )
         return JobOutcome(
             run_dir=self.run_dir,
@@ -162,6 +166,7 @@ def run_or_resume(
     *,
     use_run_config: bool = True,
     stage_cache: str | None = None,
+    until: str | None = None,
 ) -> tuple[str, Any]:
     """Run the pipeline in ``run_dir``; if it already holds a run, resume it.
 
@@ -182,7 +187,7 @@ def run_or_resume(
     from pipeline.stage_cache import StageCache
 
     cache = None if stage_cache is None else StageCache(stage_cache)
-    return action, run(cfg, run_dir, progress=False, stage_cache=cache)
+    return action, run(cfg, run_dir, progress=False, stage_cache=cache, until=until)
 
 
 def make_executor(cfg: SlurmLaunchConfig) -> submitit.Executor:
@@ -328,10 +333,15 @@ def submit_run(
     except (submitit.core.utils.FailedSubmissionError, OSError) as err:
         Path(job_fn.config_path).unlink(missing_ok=True)
         raise LaunchError(f"submission to {cfg.cluster} failed: {err}") from err
+    record_submission(job, job_fn, cfg)
+    return job
+
+
+def record_submission(job: submitit.Job, job_fn: HawqRunJob, cfg: SlurmLaunchConfig) -> None:
+    """Append ``job`` to ``RUN_DIR/slurm/jobs.json`` (``hawq-slurm status/logs/cancel``)."""
     record = new_record(job.job_id, cfg.cluster, str(cfg.folder), job_fn.config_path, cfg.num_tasks)
     record_job(job_fn.run_dir, record)
     log.info("submitted job %s (%s) for run dir %s", job.job_id, cfg.cluster, job_fn.run_dir)
-    return job
 
 
 def outcome(job: submitit.Job) -> JobOutcome:

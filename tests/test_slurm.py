@@ -50,6 +50,8 @@ from slurm.ray_network import (
     ray_ports,
 )
 from slurm.run_record import recorded_jobs
+from slurm.staged import submit_staged
+from slurm.sweep import submit_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden"
@@ -618,3 +620,59 @@ def test_usr2_in_the_two_node_hessian_requeues_and_skips_finished_work(
             )
         )
     assert assert_same_outputs(clean, run_dir) >= 20
+
+
+def test_sweep_is_one_job_array_that_computes_the_hessian_once(slurm_cluster, tmp_path):
+    """3 compression targets: one array job (<id>_<i>); baseline and Hessian computed by one
+    task, restored by the others; each point equals a separate `hawq run`; the summary job
+    (afterok on the array) writes the table and the plot."""
+    sweep_dir = tmp_path / "sweep"
+    sets = [*TINY_LOCAL, "allocation.compression=4,6,8"]
+    jobs, summary = submit_sweep(QUICKSTART, sweep_dir, sets, _slurm_cfg(tmp_path))
+    array = jobs[0].job_id.split("_")[0]
+    assert [j.job_id for j in jobs] == [f"{array}_{i}" for i in range(3)]
+    results = [outcome(j).result for j in jobs]
+    for stage in ("baseline", "hessian"):
+        assert sorted(stage in r.restored for r in results) == [False, True, True], stage
+    assert all("finetune" not in r.restored for r in results)
+    assert summary is not None
+    summary.result()  # waits for the summary job
+    rows = pq.read_table(sweep_dir / "summary.parquet").to_pylist()
+    assert [r["point"] for r in rows] == [0, 1, 2]
+    assert (sweep_dir / "summary.png").exists()
+    for i, c in enumerate((4, 6, 8)):
+        alone = tmp_path / f"alone-{c}"
+        run(load_config(QUICKSTART, [*TINY_LOCAL, f"allocation.compression={c}"]), alone,
+            progress=False)  # fmt: skip
+        assert assert_same_outputs(alone, Path(rows[i]["run_dir"])) >= 20
+
+
+def test_staged_hessian_on_two_nodes_then_the_rest_on_one(slurm_cluster, tmp_path):
+    """Per-stage shapes: baseline + Hessian on a 2-node Ray cluster, the other stages in a
+    1-node job chained afterok; outputs equal the single 2-node job's, bit for bit."""
+    run_dir = tmp_path / "run"
+    two = _slurm_cfg(tmp_path, nodes=2, cpus_per_task=2, mem_gb=2)
+    one = _slurm_cfg(tmp_path, nodes=1, cpus_per_task=1)
+    first, second = submit_staged(QUICKSTART, run_dir, TWO_NODE, two, one)
+    head = outcome(first)
+    assert head.ray_nodes == 2 and set(head.result.seconds) == {"baseline", "hessian"}
+    rest = outcome(second)
+    assert (rest.action, rest.ray_nodes) == ("resume", 0)
+    assert set(rest.result.seconds) == {"allocate", "order", "finetune", "evaluate", "export"}
+    jobs = recorded_jobs(run_dir)
+    assert [(j.job_id, j.tasks) for j in jobs] == [(first.job_id, 2), (second.job_id, 1)]
+    script = (jobs[1].folder_path() / f"{second.job_id}_submission.sh").read_text()
+    assert f"#SBATCH --dependency=afterok:{first.job_id}\n" in script
+    _wait_completed(second)
+    assert not _job_processes(first.job_id)
+    if "clean" in _TWO_NODE_RUNS:
+        assert assert_same_outputs(_TWO_NODE_RUNS["clean"], run_dir) >= 20
+
+
+def test_cli_dry_run_of_a_staged_submission(tmp_path, capsys):
+    argv = ["submit", str(QUICKSTART), "--run-dir", str(tmp_path / "run"), "--dry-run"]
+    argv += ["--hessian-nodes", "2", "--cpus-per-task", "2", "--mem-gb", "4"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "# job 1 (baseline, hessian):" in out and "#SBATCH --nodes=2\n" in out
+    assert "# job 2 (the other stages, afterok on job 1): 1 node(s)" in out
