@@ -104,6 +104,8 @@ def holder_info() -> dict[str, Any]:
 
 
 def describe(holder: dict[str, Any]) -> str:
+    if not holder:
+        return "an unreadable lock file"
     job = f", Slurm job {holder['job_id']}" if holder.get("job_id") else ""
     return f"pid {holder.get('pid')} on {holder.get('host')}{job}"
 
@@ -157,9 +159,11 @@ class RunLock:
     def holder(self) -> dict[str, Any] | None:
         """The live holder, or None when the lock is free or stale."""
         holder = read_holder(self.path)
-        if holder is None or (holder and stale_reason(holder, self.job_running)):
+        if holder is None:
             return None
-        return holder
+        if not holder:  # unreadable: being written, or left half-written by a crash
+            return holder if _age_s(self.path) < UNREADABLE_GRACE_S else None
+        return None if stale_reason(holder, self.job_running) else holder
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -130,3 +130,15 @@ def test_only_one_of_many_concurrent_takers_wins(tmp_path):
     assert len(wins) == 1 and len(errors) == 7
     wins[0].release()
     assert not (tmp_path / "lock").exists()
+
+
+def test_unreadable_lock_is_live_only_while_it_may_be_being_written(tmp_path, caplog):
+    path = tmp_path / "lock"
+    path.write_text("")
+    assert RunStore(tmp_path).is_locked()  # just created: its holder is writing it
+    old = path.stat().st_mtime - 60
+    os.utime(path, (old, old))
+    assert not RunStore(tmp_path).is_locked()
+    with caplog.at_level(logging.WARNING), RunStore(tmp_path).lock():
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+    assert "stale run lock of an unreadable lock file: unreadable" in caplog.text

@@ -676,3 +676,24 @@ def test_cli_dry_run_of_a_staged_submission(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "# job 1 (baseline, hessian):" in out and "#SBATCH --nodes=2\n" in out
     assert "# job 2 (the other stages, afterok on job 1): 1 node(s)" in out
+
+
+def test_a_failing_two_node_job_leaves_no_process(slurm_cluster, tmp_path):
+    """The driver fails after the Ray cluster is up (a foreign file appears in the run dir
+    before the job starts): the job fails with the run dir's error, every rank stops its Ray."""
+    run_dir = tmp_path / "run"
+    job = submit_run(
+        QUICKSTART,
+        run_dir,
+        TWO_NODE,
+        _slurm_cfg(tmp_path, nodes=2, cpus_per_task=2, mem_gb=2, requeue=False),
+    )
+    (run_dir / "notes.txt").write_text("not a hawq file")  # the job's prepare refuses the dir
+    with pytest.raises(submitit.core.utils.FailedJobError, match="is not empty and holds no hawq"):
+        job.results()
+    deadline = time.monotonic() + 120
+    while _squeue_state(job.job_id) or _job_processes(job.job_id):
+        assert time.monotonic() < deadline, f"left behind: {_job_processes(job.job_id)}"
+        time.sleep(1)
+    assert "Ray cluster" in job.stderr()  # it failed with its cluster up, not before
+    assert not (run_dir / "lock").exists()
