@@ -11,11 +11,16 @@ their progress as they go, like the Hessian's blocks and probes, need nothing mo
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import logging
+import os
+import signal
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+SIGNAL_ENV = "HAWQ_TEST_SIGNAL_AT"  # test hook: send this process USR2 at a matching point
 _depth = 0
 _pending: list[Callable[[], None]] = []
 
@@ -61,3 +66,18 @@ def proceed() -> None:
     """Run the deferred preemption handler(s) (they normally end the process)."""
     while _pending:
         _pending.pop(0)()
+
+
+def signal_point(point: str) -> None:
+    """Test hook: if ``$HAWQ_TEST_SIGNAL_AT`` matches ``point`` (``fnmatch``), write ``point``
+    to ``$HAWQ_TEST_PAUSE_FILE`` and send this process SIGUSR2 (once), as a scheduler
+    preempting it in the middle of a training step would. Points: ``<stage>:step:<epoch>:<n>``
+    (after optimizer step ``n`` of global epoch ``epoch``). Unset in normal use."""
+    pattern = os.environ.get(SIGNAL_ENV)
+    if not pattern or not fnmatch.fnmatchcase(point, pattern):
+        return
+    del os.environ[SIGNAL_ENV]
+    marker = os.environ.get("HAWQ_TEST_PAUSE_FILE")
+    if marker:
+        Path(marker).write_text(point)
+    os.kill(os.getpid(), signal.SIGUSR2)

@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -151,3 +152,44 @@ def test_preemption_waits_for_the_training_loop_to_save():
         assert ran[-1] == "while saved"
         preempt.proceed()
     assert ran == ["outside", "in a step", "while saved", "later"]
+
+
+PREEMPTED = """
+import os, signal, sys
+from slurm.launch import _defer_preemption_in_training
+from pipeline.cli import main
+
+def scheduler_handler(signum, frame):  # stands in for submitit's checkpoint + requeue + exit
+    print("preempted", flush=True)
+    os._exit(7)
+
+signal.signal(signal.SIGUSR2, scheduler_handler)
+_defer_preemption_in_training()
+sys.exit(main(["-q", "run", sys.argv[1], "--run-dir", sys.argv[2]]))
+"""
+
+
+@pytest.mark.slow
+def test_usr2_mid_step_saves_the_state_first_then_preempts(tmp_path, tmp_path_factory):
+    """USR2 during step 5 of global epoch 2 (no periodic saves): the job's handler is deferred,
+    the state is written after that step, then the scheduler's handler runs; the resumed run
+    starts at step 5 and ends with the weights of a run never interrupted."""
+    from tiny_run import finished_run
+
+    config = write_config(tmp_path / "tiny.yaml")
+    killed, marker = tmp_path / "killed", tmp_path / "signalled"
+    env = subprocess_env(HAWQ_TEST_SIGNAL_AT="finetune:step:2:5", HAWQ_TEST_PAUSE_FILE=str(marker))
+    proc = subprocess.run(
+        [sys.executable, "-c", PREEMPTED, str(config), str(killed)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=WAIT_S,
+    )  # fmt: skip
+    assert proc.returncode == 7 and proc.stdout == "preempted\n", proc.stderr[-3000:]
+    assert marker.read_text() == "finetune:step:2:5"
+    assert "preemption requested: saving the training state at the next step" in proc.stderr
+    from safetensors import safe_open
+
+    with safe_open(str(killed / "stages/finetune/state.safetensors"), "pt") as fh:
+        meta = json.loads(fh.metadata()["qat"])
+    assert (meta["global_epoch"], meta["partial"]["step"]) == (1, 5)
+    assert main(["-q", "resume", str(killed)]) == 0
+    assert assert_same_outputs(finished_run(tmp_path_factory), killed) >= 20

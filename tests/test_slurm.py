@@ -423,12 +423,21 @@ def test_slurm_runs_a_function_with_the_dry_run_script(slurm_cluster, tmp_path):
 def _pause_usr2_requeue(job: submitit.Job, marker: Path) -> None:
     """Wait until the job pauses (writes ``marker``), send USR2, wait for the requeue, and let
     the requeued job start at once."""
+    _wait_marker(job, marker)
+    subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True)
+    _wait_requeued(job)
+
+
+def _wait_marker(job: submitit.Job, marker: Path) -> None:
     deadline = time.monotonic() + 240
     while not marker.exists():
-        assert not job.done(), f"job ended before pausing:\n{job.stderr()}"
-        assert time.monotonic() < deadline, f"job never paused:\n{job.stderr()}"
+        assert not job.done(), f"job ended before the test hook:\n{job.stderr()}"
+        assert time.monotonic() < deadline, f"job never reached the test hook:\n{job.stderr()}"
         time.sleep(0.5)
-    subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True)
+
+
+def _wait_requeued(job: submitit.Job) -> None:
+    """Until the job is pending again after a requeue; then let it start at once."""
     deadline = time.monotonic() + 90
     while (state := _squeue_state(job.job_id)) != "PENDING":
         assert time.monotonic() < deadline, f"job not requeued (state {state!r})"
@@ -446,13 +455,17 @@ def _pause_once(monkeypatch, tmp_path: Path, point: str) -> tuple[Path, tuple[st
 
 
 def test_slurm_job_requeued_by_usr2_resumes_the_run(slurm_cluster, tmp_path, monkeypatch):
-    """USR2 mid-epoch in finetune (state every 4 steps): the job checkpoints, requeues, and the
-    new start resumes at the saved step; the final weights equal an uninterrupted run's."""
-    run_dir = tmp_path / "run"
-    overrides = (*TINY_LOCAL, "finetune.checkpoint_every_steps=4")
-    marker, setup = _pause_once(monkeypatch, tmp_path, "finetune:step:2:8")
-    job = submit_run(QUICKSTART, run_dir, overrides, _slurm_cfg(tmp_path, setup=setup))
-    _pause_usr2_requeue(job, marker)
+    """USR2 in the middle of a fine-tuning step (the test hook signals the job itself, as
+    Slurm would): the state is saved after that step, submitit checkpoints and requeues, and
+    the new start resumes at the saved step; outputs equal an uninterrupted run's."""
+    run_dir, marker = tmp_path / "run", tmp_path / "signalled"
+    monkeypatch.setenv("HAWQ_TEST_SIGNAL_AT", "finetune:step:2:7")
+    monkeypatch.setenv("HAWQ_TEST_PAUSE_FILE", str(marker))
+    setup = (f"[ -e {marker} ] && unset HAWQ_TEST_SIGNAL_AT || true",)  # on the requeue
+    job = submit_run(QUICKSTART, run_dir, TINY_LOCAL, _slurm_cfg(tmp_path, setup=setup))
+    _wait_marker(job, marker)
+    _wait_requeued(job)
+    assert marker.read_text() == "finetune:step:2:7"
     result = outcome(job)
     assert (result.action, result.restarts) == ("resume", 1)
     actions = {p.stage: p.action for p in result.result.plan}
@@ -460,12 +473,13 @@ def test_slurm_job_requeued_by_usr2_resumes_the_run(slurm_cluster, tmp_path, mon
     assert actions["finetune"] == "resume"
     assert (run_dir / "stages" / "export" / "model_int.safetensors").exists()
     log = job.stderr()
+    assert "preemption requested: saving the training state at the next step" in log
     assert "checkpoint: requeueing" in log
-    assert "resuming training after stage 2 epoch 0, 8 steps into the next" in log
+    assert "resuming training after stage 2 epoch 0, 7 steps into the next" in log
     # bit for bit what an uninterrupted run of the same config writes (wall-clock aside)
     clean = tmp_path / "clean"
-    monkeypatch.delenv("HAWQ_TEST_PAUSE_AT")  # this process must not pause
-    run(load_config(QUICKSTART, overrides), clean, progress=False)
+    monkeypatch.delenv("HAWQ_TEST_SIGNAL_AT")  # this process must not signal itself
+    run(load_config(QUICKSTART, TINY_LOCAL), clean, progress=False)
     assert assert_same_outputs(clean, run_dir) >= 20
 
 

@@ -90,6 +90,7 @@ def train_resumably(
             ctx.pause(f"epoch:{done}")
 
     def on_step(global_epoch: int, steps: int, capture: Callable[[], QATState]) -> None:
+        preempt.signal_point(f"{ctx.stage}:step:{global_epoch + 1}:{steps}")  # test hook
         wanted = preempt.requested()
         if not wanted and not (every_steps and steps % every_steps == 0):
             return
