@@ -63,6 +63,12 @@ class HawqRunJob(submitit.helpers.Checkpointable):
     this very object and the requeued job picks up where the run dir says.
     """
 
+    # defaults for jobs pickled by an older hawq and requeued after an upgrade
+    interface: str | None = None
+    snapshot: bool = False
+    stage_cache: str | None = None
+    until: str | None = None
+
     def __init__(
         self,
         *,
@@ -263,7 +269,8 @@ def hawq_command(job: HawqRunJob) -> str:
     sets = " ".join(f"--set {shlex.quote(o)}" for o in job.overrides)
     if RunStore(Path(job.run_dir)).exists() and not job.snapshot:
         return f"hawq resume {shlex.quote(job.run_dir)} {sets}".strip()
-    return f"hawq run {shlex.quote(job.config_path)} --run-dir {shlex.quote(job.run_dir)} {sets}"
+    run = f"hawq run {shlex.quote(job.config_path)} --run-dir {shlex.quote(job.run_dir)}"
+    return f"{run} {sets}".strip()
 
 
 def describe_submission(

@@ -711,3 +711,14 @@ def test_a_failing_two_node_job_leaves_no_process(slurm_cluster, tmp_path):
         time.sleep(1)
     assert "Ray cluster" in job.stderr()  # it failed with its cluster up, not before
     assert not (run_dir / "lock").exists()
+
+
+def test_a_job_pickled_before_the_new_options_still_runs(tmp_path):
+    """A requeue re-reads the original pickle: a job pickled by an older hawq (without the
+    snapshot, stage cache, until or interface attributes) still has every attribute the job
+    reads (class-level defaults)."""
+    job = HawqRunJob(config_path=str(QUICKSTART), run_dir=str(tmp_path / "run"))
+    for name in ("interface", "snapshot", "stage_cache", "until"):
+        del job.__dict__[name]
+    old = cloudpickle.loads(cloudpickle.dumps(job))
+    assert (old.interface, old.snapshot, old.stage_cache, old.until) == (None, False, None, None)
