@@ -530,7 +530,8 @@ def test_two_node_ray_cluster_runs_the_pipeline(slurm_cluster, tmp_path):
 
 
 def test_invalid_config_submits_nothing_to_slurm(slurm_cluster, tmp_path, capsys):
-    """A config error stops `hawq-slurm submit` before sbatch: no job, no job folder."""
+    """A config error, or an actor grid the allocation cannot hold, stops `hawq-slurm submit`
+    before sbatch: no job, no job folder."""
     before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
     folder = tmp_path / "jobs"
     argv = ["submit", str(QUICKSTART), "--run-dir", str(tmp_path / "run")]
@@ -540,6 +541,16 @@ def test_invalid_config_submits_nothing_to_slurm(slurm_cluster, tmp_path, capsys
     assert out == "" and "allocation.compresion: unknown key" in err
     after = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
     assert after == before and not folder.exists()
+    # a grid larger than the allocation: the flag to change, nothing submitted or written
+    run_dir = tmp_path / "grid"
+    argv = ["submit", str(QUICKSTART), "--run-dir", str(run_dir), "--nodes", "2"]
+    argv += ["--cpus-per-task", "1", "--set", "backend.data_shards=2", "--set",
+             "backend.block_groups=2"]  # fmt: skip
+    assert cli.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "needs 4 CPUs" in err and "Fix: --cpus-per-task 2" in err
+    after = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
+    assert after == before and not run_dir.exists()
 
 
 def _job_processes(job_id: str) -> list[str]:
