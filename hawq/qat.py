@@ -38,6 +38,9 @@ from hawq.quant.modules import quantize_, quantized_modules
 from hawq.seeding import derive_seed
 from hawq.validation import check_int, check_number, check_seed
 
+StepHook = Callable[[int, int, Callable[[], "QATState"]], None]
+"""``on_step(global_epoch, steps_done_in_epoch, capture)``: after every optimizer step."""
+
 logger = logging.getLogger(__name__)
 
 STATE_FORMAT = "hawq.qat/1"
@@ -217,6 +220,7 @@ def run_qat(
     teacher: nn.Module | None = None,
     on_epoch_end: Callable[[EpochRecord, QATState], bool | None] | None = None,
     loss_fn: LossFn | None = None,
+    on_step: StepHook | None = None,
 ) -> list[EpochRecord]:
     """Block-wise QAT of ``model`` in place; returns all epoch records (resumed ones included).
 
@@ -227,6 +231,10 @@ def run_qat(
     ``state``.
     ``on_epoch_end(record, state)`` runs after every epoch; returning True stops the run.
     ``loss_fn(output, target)``: the task loss (default cross-entropy; see :mod:`hawq.metrics`).
+    ``on_step(global_epoch, steps_done, capture)`` runs after every optimizer step;
+    ``capture()`` returns the mid-epoch :class:`QATState` (model, optimizer, RNG, the epoch's
+    running sums and its step): resumed from, the epoch redraws its data order from its seed,
+    skips the ``steps_done`` batches already trained on and ends bit-identically.
     """
     stages = [list(s) for s in stages]
     if not stages or any(not s for s in stages):
@@ -235,6 +243,7 @@ def run_qat(
         model, stages, train_data, eval_data, config,
         bit_config=bit_config, state=state, teacher=teacher, on_epoch_end=on_epoch_end,
         loss_fn=loss_fn,
+        on_step=on_step,
     )  # fmt: skip
 
 
@@ -247,17 +256,20 @@ def train_float(
     state: QATState | None = None,
     on_epoch_end: Callable[[EpochRecord, QATState], bool | None] | None = None,
     loss_fn: LossFn | None = None,
+    on_step: StepHook | None = None,
 ) -> list[EpochRecord]:
     """Train a float ``model`` in place for ``config.epochs`` epochs: the QAT loop, unquantized.
 
     One stage that quantizes nothing, so the LR schedule, data order, RNG handling, records and
-    bit-identical resume (``state``, ``on_epoch_end``) are exactly those of :func:`run_qat`.
+    bit-identical resume (``state``, ``on_epoch_end``, ``on_step``) are exactly those of
+    :func:`run_qat`.
     """
     if config.loss != "ce":
         raise ValueError(f"float training has no teacher: loss must be 'ce', got {config.loss!r}")
     return _train(
         model, [[]], train_data, eval_data, config,
         bit_config=None, state=state, teacher=None, on_epoch_end=on_epoch_end, loss_fn=loss_fn,
+        on_step=on_step,
     )  # fmt: skip
 
 
@@ -273,6 +285,7 @@ def _train(
     teacher: nn.Module | None,
     on_epoch_end: Callable[[EpochRecord, QATState], bool | None] | None,
     loss_fn: LossFn | None,
+    on_step: StepHook | None = None,
 ) -> list[EpochRecord]:
     """The loop of :func:`run_qat` / :func:`train_float` (``bit_config=None``: no quantization)."""
     if config.loss == "distill":
@@ -286,12 +299,13 @@ def _train(
         "bit_config": None if bit_config is None else bit_config.to_dict(),
     }
     history: list[EpochRecord] = []
-    stage0, epoch0, opt_state = 0, 0, None
+    stage0, epoch0, opt_state, partial = 0, 0, None, None
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         if state is None:
             torch.manual_seed(derive_seed(config.seed, "qat-torch"))
         else:
             stage0, epoch0, opt_state, history = _restore(model, state, base_meta, bit_config)
+            partial = state.meta.get("partial")  # a mid-epoch state: the epoch's progress
         for s in range(stage0, len(stages)):
             if opt_state is None:  # entering stage s afresh
                 if bit_config is not None:
@@ -308,9 +322,16 @@ def _train(
                 opt_state = None
             for e in range(epoch0 if s == stage0 else 0, config.epochs):
                 g = s * config.epochs + e
+                hook = None
+                if on_step is not None:
+                    meta = {**base_meta, "stage": s, "epoch": e, "global_epoch": g,
+                            "history": [asdict(r) for r in history]}  # fmt: skip
+                    hook = _step_hook(on_step, model, opt, meta)
                 rec = _train_epoch(
-                    model, opt, train_data, eval_data, config, teacher, loss_fn, dev, (s, e, g)
-                )
+                    model, opt, train_data, eval_data, config, teacher, loss_fn, dev, (s, e, g),
+                    partial=partial, on_step=hook,
+                )  # fmt: skip
+                partial = None
                 history.append(rec)
                 logger.info(
                     "qat stage %d/%d epoch %d/%d lr %.4g loss %.4f (eval %s) acc %s (eval %s)",
@@ -330,9 +351,22 @@ def _train(
     return history
 
 
+def _step_hook(on_step: StepHook, model: nn.Module, opt: torch.optim.Optimizer, meta: dict):
+    """``(steps_done, sums) -> None`` for :func:`_train_epoch`, calling the user's ``on_step``."""
+
+    def hook(steps: int, sums: dict[str, Any]) -> None:
+        def capture() -> QATState:
+            return _capture(model, opt, {**meta, "partial": {"step": steps, **sums}})
+
+        on_step(meta["global_epoch"], steps, capture)
+
+    return hook
+
+
 def _train_epoch(
-    model, opt, train_data, eval_data, cfg, teacher, loss_fn, dev, where
-) -> EpochRecord:
+    model, opt, train_data, eval_data, cfg, teacher, loss_fn, dev, where, *, partial=None,
+    on_step=None,
+) -> EpochRecord:  # fmt: skip
     s, e, g = where
     t0 = time.perf_counter()
     lr = cfg.lr_at(e)
@@ -340,8 +374,13 @@ def _train_epoch(
         group["lr"] = lr
     gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "qat-data", g))
     model.train()
-    tot, correct, total, n, classification = 0.0, 0, 0, 0, True
-    for xb, yb in batches(train_data, cfg.batch_size, gen, True, cfg.drop_last):
+    tot, correct, total, n, classification, skip = 0.0, 0, 0, 0, True, 0
+    if partial is not None:  # resumed mid-epoch: same order, the first `skip` batches done
+        tot, correct, total, n = partial["tot"], partial["correct"], partial["total"], partial["n"]
+        classification, skip = partial["classification"], partial["step"]
+    for k, (xb, yb) in enumerate(batches(train_data, cfg.batch_size, gen, True, cfg.drop_last)):
+        if k < skip:
+            continue
         xb, yb = xb.to(dev), yb.to(dev)
         out = model(xb)
         t_out = None
@@ -359,6 +398,9 @@ def _train_epoch(
         if counts is not None:
             correct, total = correct + counts[0], total + counts[1]
         n += b
+        if on_step is not None:
+            sums = {"tot": tot, "correct": correct, "total": total, "n": n}
+            on_step(k + 1, {**sums, "classification": classification})
     if n == 0:
         raise ValueError("training data is empty")
     ev_loss = ev_acc = None

@@ -39,7 +39,9 @@ def pause_point(point: str) -> None:
     Points: ``<stage>:start``, ``<stage>:written`` (outputs written, manifest row not yet
     done), ``<stage>:done`` (after the manifest row), ``baseline:epoch:<n>``,
     ``hessian:block:<n>``, ``hessian:probe:<n>`` (Ray backend: ``n`` Hutchinson probes
-    consumed), ``evaluate:ptq``, ``finetune:epoch:<n>`` (after the state is saved) and
+    consumed), ``hessian:probe-saved:<n>`` (``n`` probes on disk), ``evaluate:ptq``,
+    ``finetune:epoch:<n>`` (after the state is saved), ``finetune:step:<epoch>:<n>`` (a
+    mid-epoch state saved after step ``n``) and
     ``<folder>:write:<file>`` (the temp file written, not yet renamed; ``<folder>`` is the
     file's parent folder, i.e. the stage name for a stage's own files). Unset in normal use.
     """

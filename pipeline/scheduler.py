@@ -9,6 +9,7 @@ the log says which setting changed. ``hawq resume DIR`` is ``run`` with ``DIR/co
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -35,6 +36,7 @@ from pipeline.data import DataBundle, load_data
 from pipeline.data_factory import FactoryData
 from pipeline.run_log import LOG_FILE, log_to_file
 from pipeline.run_summary import write_run_summary
+from pipeline.stage_cache import StageCache
 from pipeline.stages import STAGES, StageContext, stage_by_name
 from pipeline.stages.base import Params, resolve_device
 from pipeline.store import RunStore
@@ -94,6 +96,7 @@ class RunOutcome:
     run_dir: Path
     plan: list[StagePlan]
     seconds: dict[str, float] = field(default_factory=dict)
+    restored: list[str] = field(default_factory=list)  # stages taken from a stage cache
 
 
 # --------------------------------------------------------------------------- keys and plans
@@ -243,8 +246,13 @@ def execute(
     progress: bool = True,
     until: str | None = None,
     backend: Callable[[], Any] | None = None,
+    stage_cache: StageCache | None = None,
 ) -> RunOutcome:
-    """Run the plan under the run lock; ``until`` stops after that stage (a stage name)."""
+    """Run the plan under the run lock; ``until`` stops after that stage (a stage name).
+
+    ``stage_cache`` (a sweep's): a stage whose key is cached is restored, not run; one that is
+    not is claimed, run and published, so runs sharing the cache compute each key once.
+    """
     from pipeline.backends import make_backend
 
     store, cfg = prep.store, prep.cfg
@@ -255,7 +263,7 @@ def execute(
         for path in prep.corrupt:
             log.warning("repair: deleting corrupt %s (its stage recomputes it)", path)
             path.unlink(missing_ok=True)
-        atomic_write_text(store.config_path, config_to_yaml(cfg))
+        atomic_write_text(store.config_path, config_to_yaml(placement_free(cfg)))
         atomic_write_json(store.identity_path, prep.identity)
         last = len(prep.plan) if until is None else [p.stage for p in prep.plan].index(until) + 1
         todo = [p for p in prep.plan[:last] if p.action != "skip"]
@@ -286,9 +294,20 @@ def execute(
                 cache=cache,
             )
             t0 = time.perf_counter()
-            st.run(ctx)
-            pause_point(f"{p.stage}:written")  # outputs on disk, manifest row not yet done
-            store.mark_done(p.stage, p.key)
+            claim = (
+                stage_cache.claim(store, p.stage, p.key)
+                if stage_cache is not None
+                else contextlib.nullcontext(False)
+            )
+            with claim as restored:  # True: another run of a sweep computed this stage key
+                if not restored:
+                    st.run(ctx)
+                    pause_point(f"{p.stage}:written")  # outputs on disk, manifest row not done
+                store.mark_done(p.stage, p.key)
+                if restored:
+                    outcome.restored.append(p.stage)
+                elif stage_cache is not None:
+                    stage_cache.publish(store, p.stage, p.key)
             outcome.seconds[p.stage] = time.perf_counter() - t0
             log.info(
                 "[%d/%d] %s done in %.1fs (%.0fs elapsed)",
@@ -299,6 +318,14 @@ def execute(
     return outcome
 
 
+def placement_free(cfg: RunConfig) -> RunConfig:
+    """``cfg`` without ``backend.address``: a Ray head lives only as long as its job, so the run
+    dir never stores one (a later ``hawq resume`` starts its own Ray instead of dialling it)."""
+    if cfg.backend.address is None:
+        return cfg
+    return dataclasses.replace(cfg, backend=dataclasses.replace(cfg.backend, address=None))
+
+
 def run(
     cfg: RunConfig,
     run_dir: str | os.PathLike | None = None,
@@ -306,9 +333,11 @@ def run(
     progress: bool = True,
     until: str | None = None,
     repair: bool = False,
+    stage_cache: StageCache | None = None,
 ) -> RunOutcome:
     """Validate, then run every stage that is not done with its current key."""
-    return execute(prepare(cfg, run_dir, repair=repair), progress=progress, until=until)
+    prep = prepare(cfg, run_dir, repair=repair)
+    return execute(prep, progress=progress, until=until, stage_cache=stage_cache)
 
 
 def load_run_config(run_dir: str | os.PathLike) -> RunConfig:

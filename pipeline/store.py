@@ -6,8 +6,10 @@ Layout::
       config.yaml          the resolved config of the last run (``hawq resume`` reads it)
       identity.json        model config + data fingerprint the dir was made for
       manifest.parquet     one row per stage: stage, key, status, started, finished, seconds, ...
-      lock                 flock'ed while a run is in progress (``hawq status`` probes it)
+      lock                 exists while a run is in progress: host/pid/job id (pipeline.lock)
       stages/<stage>/...   the stage's Parquet tables, safetensors, YAML, progress.json
+      slurm/               reserved for the Slurm launcher (submitted configs, job ids, logs);
+                           a dir holding only this may still become a new run dir
 
 All writes are atomic (:mod:`pipeline.atomic`). Every Parquet table a stage writes carries its
 stage key in the schema metadata (``hawq.stage``, ``hawq.key``) and in a ``stage_key`` column.
@@ -15,7 +17,6 @@ stage key in the schema metadata (``hawq.stage``, ``hawq.key``) and in a ``stage
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -40,6 +41,7 @@ from pipeline.atomic import (
     read_parquet,
     read_tensors,
 )
+from pipeline.lock import RunLock
 
 __all__ = ["KEY_COLUMN", "MANIFEST", "ManifestRow", "RunStore", "StoreError"]
 
@@ -50,6 +52,7 @@ CONFIG = "config.yaml"
 IDENTITY = "identity.json"
 LOCK = "lock"
 STAGES = "stages"
+LAUNCH_DIR = "slurm"
 KEY_COLUMN = "stage_key"
 
 MANIFEST_SCHEMA = pa.schema(
@@ -134,22 +137,13 @@ class RunStore:
         return sorted(self.root.rglob(f".*{TEMP_SUFFIX}")) if self.root.exists() else []
 
     # ---- lock
-    def lock(self) -> _Lock:
-        """Hold an exclusive flock on ``RUN_DIR/lock`` for the duration of a run."""
-        return _Lock(self.root / LOCK)
+    def lock(self) -> RunLock:
+        """The run lock on ``RUN_DIR/lock`` (hold it with ``with``; stale locks are taken over)."""
+        return RunLock(self.root / LOCK)
 
     def is_locked(self) -> bool:
-        """True if another live process holds the run lock."""
-        path = self.root / LOCK
-        if not path.exists():
-            return False
-        with open(path) as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-            fcntl.flock(fh, fcntl.LOCK_UN)
-        return False
+        """True if a live process (or running Slurm job) holds the run lock."""
+        return RunLock(self.root / LOCK).holder() is not None
 
     # ---- manifest
     def read_manifest(self) -> dict[str, ManifestRow]:
@@ -273,30 +267,3 @@ class RunStore:
             return json.loads(path.read_text())
         except ValueError:
             return None
-
-
-class _Lock:
-    """Exclusive, non-blocking flock; released by the kernel if the process dies."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._fh = None
-
-    def __enter__(self) -> _Lock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self.path, "a")  # noqa: SIM115
-        try:
-            fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._fh.close()
-            raise StoreError(
-                f"{self.path.parent}: another hawq process is running in this run dir. "
-                "Fix: wait for it to finish (see `hawq status`) or use another --run-dir."
-            ) from None
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._fh is not None:
-            fcntl.flock(self._fh, fcntl.LOCK_UN)
-            self._fh.close()
-            self._fh = None

@@ -19,7 +19,7 @@ from pipeline.atomic import StoreError
 from pipeline.config import ConfigError, RunConfig, section_dict
 from pipeline.data import DataBundle
 from pipeline.data_factory import FactoryData
-from pipeline.store import RunStore
+from pipeline.store import LAUNCH_DIR, RunStore
 from pipeline.user_code import check_imports
 
 __all__ = [
@@ -50,7 +50,8 @@ def check_run_dir(root: Path) -> None:
     if root.exists() and not root.is_dir():
         raise StoreError(f"run dir {root} is a file. Fix: pass --run-dir with a directory path.")
     store = RunStore(root)
-    if root.is_dir() and any(root.iterdir()) and not store.exists():
+    launcher_only = root.is_dir() and {p.name for p in root.iterdir()} <= {LAUNCH_DIR}
+    if root.is_dir() and any(root.iterdir()) and not store.exists() and not launcher_only:
         raise StoreError(
             f"run dir {root} is not empty and holds no hawq run (no config.yaml). "
             "Fix: pass --run-dir with a new or empty directory."

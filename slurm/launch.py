@@ -17,134 +17,31 @@ import logging
 import os
 import re
 import shlex
-import subprocess
+import signal
 import sys
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import submitit
 from submitit.core.utils import DelayedSubmission
 from submitit.slurm.slurm import _make_sbatch_string
 
+if TYPE_CHECKING:
+    from pipeline.config import RunConfig
+
+from slurm.launch_config import SlurmLaunchConfig
+from slurm.run_record import LAUNCH_DIR, new_record, record_job, snapshot_config
+
 log = logging.getLogger(__name__)
 
-Cluster = Literal["slurm", "local", "debug"]
-CLUSTERS = ("slurm", "local", "debug")
-DEFAULT_FOLDER = "runs/slurm/%j"
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w.\[\]]*=")
 
 
 class LaunchError(RuntimeError):
     """Submitting or running a hawq job on Slurm failed (the message says why and the fix)."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class SlurmLaunchConfig:
-    """Where and how a hawq run is placed on Slurm (validated on construction: ValueError).
-
-    ``folder`` holds submitit's pickles and logs (``%j`` becomes the job id); compute nodes must
-    see it, so put it on a shared filesystem. ``cluster="local"``/``"debug"`` run the same job
-    through submitit's local executors (no Slurm needed; one node; debug: one task, in-process).
-    ``setup`` lines and ``extra_sbatch`` only apply to ``cluster="slurm"``.
-    """
-
-    partition: str | None = None
-    nodes: int = 1
-    tasks_per_node: int = 1
-    cpus_per_task: int = 1
-    gpus_per_node: int = 0
-    mem_gb: float | None = None
-    time_min: int = 60
-    job_name: str = "hawq"
-    folder: str = DEFAULT_FOLDER
-    signal_delay_s: int = 120
-    requeue: bool = True
-    max_requeues: int = 3  # requeues after a time limit (preemptions are not counted)
-    setup: tuple[str, ...] = ()  # shell lines run in the sbatch script before the job
-    extra_sbatch: Mapping[str, str | bool] = field(default_factory=dict)  # {"account": "x"}
-    cluster: Cluster = "slurm"
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "setup", tuple(self.setup))
-        object.__setattr__(self, "extra_sbatch", dict(self.extra_sbatch))
-        if self.cluster not in CLUSTERS:
-            raise ValueError(f"cluster: {self.cluster!r} must be one of {', '.join(CLUSTERS)}")
-        for key in ("nodes", "tasks_per_node", "cpus_per_task", "time_min"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{key}: {value!r} must be an integer >= 1")
-        for key in ("gpus_per_node", "signal_delay_s", "max_requeues"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{key}: {value!r} must be an integer >= 0")
-        if self.mem_gb is not None and not self.mem_gb > 0:
-            raise ValueError(f"mem_gb: {self.mem_gb!r} must be > 0 (or None for the default)")
-        if self.signal_delay_s >= self.time_min * 60:
-            raise ValueError(
-                f"signal_delay_s: {self.signal_delay_s} s must be shorter than the time limit "
-                f"({self.time_min} min), or the job is signalled as soon as it starts"
-            )
-        for key in ("job_name", "partition"):
-            value = getattr(self, key)
-            if value is not None and not _NAME.match(value):
-                raise ValueError(f"{key}: {value!r} must be letters, digits, '_', '.' or '-'")
-        if not self.folder:
-            raise ValueError("folder: must name a directory on a shared filesystem")
-        if self.nodes > 1 and self.cluster != "slurm":
-            raise ValueError(f"nodes: {self.nodes} needs cluster='slurm' (got {self.cluster!r})")
-        if self.cluster == "debug" and self.tasks_per_node > 1:
-            raise ValueError("tasks_per_node: cluster 'debug' runs one task in this process")
-        for i, line in enumerate(self.setup):
-            if not isinstance(line, str) or "\n" in line:
-                raise ValueError(f"setup[{i}]: {line!r} must be one shell line")
-        for key, value in self.extra_sbatch.items():
-            if not re.match(r"^[a-z][a-z0-9_-]*$", str(key)) or "\n" in str(value):
-                raise ValueError(f"extra_sbatch: {key!r}={value!r} is not an sbatch option")
-        if self.folder.startswith(("/tmp/", "/dev/shm/")) and self.cluster == "slurm":
-            log.warning("folder %s is node-local on most clusters; use a shared path", self.folder)
-
-    @property
-    def num_tasks(self) -> int:
-        """Tasks of the job; more than one means one Ray node per task (rank 0 drives)."""
-        return self.nodes * self.tasks_per_node
-
-    def sbatch_parameters(self) -> dict[str, Any]:
-        """The parameters of ``submitit.SlurmExecutor.update_parameters`` (sbatch names)."""
-        params: dict[str, Any] = {
-            "job_name": self.job_name,
-            "time": self.time_min,
-            "nodes": self.nodes,
-            "ntasks_per_node": self.tasks_per_node,
-            "cpus_per_task": self.cpus_per_task,
-            "signal_delay_s": self.signal_delay_s,
-            "additional_parameters": {
-                ("requeue" if self.requeue else "no_requeue"): True,
-                **self.extra_sbatch,
-            },
-        }
-        if self.partition is not None:
-            params["partition"] = self.partition
-        if self.gpus_per_node:
-            params["gpus_per_node"] = self.gpus_per_node
-        if self.mem_gb is not None:
-            gb = float(self.mem_gb)
-            params["mem"] = f"{int(gb)}GB" if gb == int(gb) else f"{int(gb * 1024)}MB"
-        if self.setup:
-            params["setup"] = list(self.setup)
-        return params
-
-    def local_parameters(self) -> dict[str, Any]:
-        """The parameters of submitit's local executor (generic names)."""
-        return {
-            "timeout_min": self.time_min,
-            "tasks_per_node": self.tasks_per_node,
-            "gpus_per_node": self.gpus_per_node,
-            "signal_delay_s": self.signal_delay_s,
-        }
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -166,6 +63,12 @@ class HawqRunJob(submitit.helpers.Checkpointable):
     this very object and the requeued job picks up where the run dir says.
     """
 
+    # defaults for jobs pickled by an older hawq and requeued after an upgrade
+    interface: str | None = None
+    snapshot: bool = False
+    stage_cache: str | None = None
+    until: str | None = None
+
     def __init__(
         self,
         *,
@@ -173,11 +76,19 @@ class HawqRunJob(submitit.helpers.Checkpointable):
         run_dir: str,
         overrides: Sequence[str] = (),
         requeue: bool = True,
+        interface: str | None = None,
+        snapshot: bool = False,
+        stage_cache: str | None = None,
+        until: str | None = None,
     ) -> None:
+        self.until = until  # stop after this stage (a staged submission's first job)
+        self.snapshot = snapshot  # config_path is the resolved config submitted: always use it
+        self.stage_cache = stage_cache  # a sweep's shared stage cache (pipeline.stage_cache)
         self.config_path = config_path
         self.run_dir = run_dir
         self.overrides = tuple(overrides)
         self.requeue = requeue
+        self.interface = interface
 
     def __call__(self) -> JobOutcome | None:
         if not logging.getLogger().handlers:  # the job's own process: show the pipeline's log
@@ -185,13 +96,15 @@ class HawqRunJob(submitit.helpers.Checkpointable):
         from pipeline.backends.ray import default_auth_mode  # deferred: imports torch
 
         default_auth_mode()  # before this job's Ray nodes start, as the `hawq` CLI does
+        _defer_preemption_in_training()
         env = submitit.JobEnvironment()
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
         log.info("%s: run dir %s (restart %d)", env, self.run_dir, restarts)
         if env.num_tasks > 1:
             from slurm.ray_cluster import RayOnSlurm  # imports ray: only for multi-task jobs
 
-            bootstrap = RayOnSlurm.from_job_environment(env, Path(env.paths.folder))
+            folder = Path(env.paths.folder)
+            bootstrap = RayOnSlurm.from_job_environment(env, folder, self.interface)
             if bootstrap.rank != 0:
                 bootstrap.serve_worker()
                 return None
@@ -200,11 +113,25 @@ class HawqRunJob(submitit.helpers.Checkpointable):
                     self.config_path,
                     self.run_dir,
                     (*self.overrides, "backend.kind=ray", f"backend.address={address}"),
+                    use_run_config=not self.snapshot,
+                    stage_cache=self.stage_cache,
+                    until=self.until,
                 )
             )
         else:
+            if self.interface:  # a private Ray's workers inherit these
+                from pipeline.backends.ray.config import NETWORK_ENV
+
+                os.environ.update(dict.fromkeys(NETWORK_ENV, self.interface))
             nodes = 0
-            action, result = run_or_resume(self.config_path, self.run_dir, self.overrides)
+            action, result = run_or_resume(
+                self.config_path,
+                self.run_dir,
+                self.overrides,
+                use_run_config=not self.snapshot,
+                stage_cache=self.stage_cache,
+                until=self.until,
+            )
         return JobOutcome(
             run_dir=self.run_dir,
             action=action,
@@ -222,10 +149,35 @@ class HawqRunJob(submitit.helpers.Checkpointable):
         return DelayedSubmission(self)
 
 
-def run_or_resume(config_path: str, run_dir: str, overrides: Sequence[str]) -> tuple[str, Any]:
+def _defer_preemption_in_training() -> None:
+    """Route submitit's USR2 handler (checkpoint, requeue, exit) through
+    :func:`pipeline.preempt.defer_or_run`: during training the state is saved at the next step
+    first, so the requeued job resumes at that step instead of the last epoch end."""
+    from pipeline import preempt
+
+    original = signal.getsignal(signal.SIGUSR2)
+    if not callable(original):
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        preempt.defer_or_run(lambda: original(signum, frame))
+
+    signal.signal(signal.SIGUSR2, handler)
+
+
+def run_or_resume(
+    config_path: str,
+    run_dir: str,
+    overrides: Sequence[str],
+    *,
+    use_run_config: bool = True,
+    stage_cache: str | None = None,
+    until: str | None = None,
+) -> tuple[str, Any]:
     """Run the pipeline in ``run_dir``; if it already holds a run, resume it.
 
-    Resuming uses the config stored in the run dir (like ``hawq resume``), with ``overrides``
+    Resuming uses the config stored in the run dir (like ``hawq resume``) unless
+    ``use_run_config`` is false (``config_path`` is the submitted snapshot), with ``overrides``
     applied again: they are the same values, except placement (``backend.address``) that a
     requeued multi-node job must update. Returns ("run" | "resume", the scheduler's outcome).
     """
@@ -235,15 +187,18 @@ def run_or_resume(config_path: str, run_dir: str, overrides: Sequence[str]) -> t
 
     store = RunStore(Path(run_dir))
     action = "resume" if store.exists() else "run"
-    source = store.config_path if action == "resume" else Path(config_path)
+    source = store.config_path if action == "resume" and use_run_config else Path(config_path)
     log.info("hawq %s: config %s, run dir %s, overrides %s", action, source, run_dir, overrides)
     cfg = load_config(source, overrides)
-    return action, run(cfg, run_dir, progress=False)
+    from pipeline.stage_cache import StageCache
+
+    cache = None if stage_cache is None else StageCache(stage_cache)
+    return action, run(cfg, run_dir, progress=False, stage_cache=cache, until=until)
 
 
 def make_executor(cfg: SlurmLaunchConfig) -> submitit.Executor:
     """The submitit executor for ``cfg.cluster``, with ``cfg``'s parameters applied."""
-    folder = Path(cfg.folder).expanduser().absolute()
+    folder = cfg.folder_path()
     executor: submitit.Executor
     if cfg.cluster == "slurm":
         try:
@@ -263,7 +218,7 @@ def make_executor(cfg: SlurmLaunchConfig) -> submitit.Executor:
 
 def sbatch_script(cfg: SlurmLaunchConfig, python: str | None = None) -> str:
     """The sbatch script ``submit_run`` would submit for ``cfg`` (no Slurm needed)."""
-    folder = Path(cfg.folder).expanduser().absolute()
+    folder = cfg.folder_path()
     python = shlex.quote(sys.executable) if python is None else python
     command = " ".join([python, "-u -m submitit.core._submit", shlex.quote(str(folder))])
     return _make_sbatch_string(command=command, folder=folder, **cfg.sbatch_parameters())
@@ -274,8 +229,14 @@ def make_job(
     run_dir: str | os.PathLike[str],
     overrides: Sequence[str] = (),
     launch_cfg: SlurmLaunchConfig | None = None,
+    *,
+    snapshot: bool = False,
 ) -> HawqRunJob:
-    """The job callable for a run, with absolute paths (the job may start elsewhere)."""
+    """The job callable for a run, with absolute paths (the job may start elsewhere).
+
+    Validates first (:func:`check_run_inputs`). ``snapshot``: write the resolved config to
+    ``RUN_DIR/slurm/submitted-<n>.yaml`` and let the job read that copy (overrides baked in).
+    """
     cfg = launch_cfg or SlurmLaunchConfig()
     for item in overrides:
         if not _OVERRIDE.match(item):
@@ -286,29 +247,79 @@ def make_job(
     config = Path(config_path).expanduser().absolute()
     if not config.is_file() and not run.is_dir():
         raise LaunchError(f"config {config} does not exist (and there is no run dir {run})")
-    check_run_inputs(config, run, overrides)
+    resolved = check_run_inputs(config, run, overrides, cfg)
+    if snapshot:
+        from pipeline.config import config_to_yaml  # deferred: imports torch
+
+        config, overrides = snapshot_config(run, config_to_yaml(resolved)), ()
     return HawqRunJob(
         config_path=str(config),
         run_dir=str(run),
         overrides=overrides,
         requeue=cfg.requeue,
+        interface=cfg.interface,
+        snapshot=snapshot,
     )
 
 
-def check_run_inputs(config_path: Path, run_dir: Path, overrides: Sequence[str]) -> None:
-    """The checks ``hawq run`` makes first (keys, values, run dir, checkpoint and data paths).
+def hawq_command(job: HawqRunJob) -> str:
+    """The ``hawq`` command line the job amounts to (for ``--dry-run`` and the log)."""
+    from pipeline.store import RunStore  # deferred: imports torch
 
-    Raises ``ConfigError``/``StoreError`` (both ``ValueError``), so a bad config fails here,
-    before anything reaches sbatch. The config is the run dir's own when it holds a run.
+    sets = " ".join(f"--set {shlex.quote(o)}" for o in job.overrides)
+    if RunStore(Path(job.run_dir)).exists() and not job.snapshot:
+        return f"hawq resume {shlex.quote(job.run_dir)} {sets}".strip()
+    run = f"hawq run {shlex.quote(job.config_path)} --run-dir {shlex.quote(job.run_dir)}"
+    return f"{run} {sets}".strip()
+
+
+def describe_submission(
+    config_path: str | os.PathLike[str],
+    run_dir: str | os.PathLike[str],
+    overrides: Sequence[str] = (),
+    launch_cfg: SlurmLaunchConfig | None = None,
+) -> str:
+    """What ``submit_run`` would submit: the hawq command, run dir, resolved config, sbatch
+    script. Validates like a submission and writes nothing."""
+    from pipeline.config import config_to_yaml  # deferred: imports torch
+
+    cfg = (launch_cfg or SlurmLaunchConfig()).for_run_dir(run_dir)
+    job = make_job(config_path, run_dir, overrides, cfg)
+    resolved = check_run_inputs(Path(job.config_path), Path(job.run_dir), job.overrides, cfg)
+    ray = " (rank 0; one Ray node per task, backend.kind=ray)" if cfg.num_tasks > 1 else ""
+    return (
+        f"# hawq command{ray}:\n{hawq_command(job)}\n"
+        f"# run dir: {job.run_dir}\n"
+        f"# config snapshot: {Path(job.run_dir) / LAUNCH_DIR}/submitted-<n>.yaml\n"
+        f"# Slurm logs: {cfg.folder_path()}\n"
+        f"# resolved config:\n{config_to_yaml(resolved)}"
+        f"# sbatch script:\n{sbatch_script(cfg)}"
+    )
+
+
+def check_run_inputs(
+    config_path: Path,
+    run_dir: Path,
+    overrides: Sequence[str],
+    launch_cfg: SlurmLaunchConfig | None = None,
+) -> RunConfig:
+    """The checks ``hawq run`` makes first (keys, values, run dir, checkpoint and data paths),
+    and that the Ray actor grid fits the allocation (:mod:`slurm.allocation`).
+
+    Raises ``ConfigError``/``StoreError``/``ValueError``, so a bad config fails here, before
+    anything reaches sbatch. The config is the run dir's own when it holds a run.
     """
     from pipeline.config import check_paths, load_config  # deferred: imports torch
     from pipeline.store import RunStore
     from pipeline.validate import check_run_dir
+    from slurm.allocation import check_allocation
 
     store = RunStore(run_dir)
     cfg = load_config(store.config_path if store.exists() else config_path, overrides)
     check_run_dir(run_dir)
     check_paths(cfg)
+    check_allocation(cfg, launch_cfg or SlurmLaunchConfig())
+    return cfg
 
 
 def submit_run(
@@ -321,15 +332,23 @@ def submit_run(
 
     Returns the submitit job; ``job.results()[0]`` is rank 0's :class:`JobOutcome`.
     """
-    cfg = launch_cfg or SlurmLaunchConfig()
-    job_fn = make_job(config_path, run_dir, overrides, cfg)
+    cfg = (launch_cfg or SlurmLaunchConfig()).for_run_dir(run_dir)
+    job_fn = make_job(config_path, run_dir, overrides, cfg, snapshot=True)
     executor = make_executor(cfg)
     try:
         job = executor.submit(job_fn)
     except (submitit.core.utils.FailedSubmissionError, OSError) as err:
+        Path(job_fn.config_path).unlink(missing_ok=True)
         raise LaunchError(f"submission to {cfg.cluster} failed: {err}") from err
-    log.info("submitted job %s (%s) for run dir %s", job.job_id, cfg.cluster, job_fn.run_dir)
+    record_submission(job, job_fn, cfg)
     return job
+
+
+def record_submission(job: submitit.Job, job_fn: HawqRunJob, cfg: SlurmLaunchConfig) -> None:
+    """Append ``job`` to ``RUN_DIR/slurm/jobs.json`` (``hawq-slurm status/logs/cancel``)."""
+    record = new_record(job.job_id, cfg.cluster, str(cfg.folder), job_fn.config_path, cfg.num_tasks)
+    record_job(job_fn.run_dir, record)
+    log.info("submitted job %s (%s) for run dir %s", job.job_id, cfg.cluster, job_fn.run_dir)
 
 
 def outcome(job: submitit.Job) -> JobOutcome:
@@ -351,14 +370,6 @@ def outcome(job: submitit.Job) -> JobOutcome:
 
 def _in_queue(job_id: str) -> bool:
     """Whether Slurm still lists the job (pending, running, completing)."""
-    try:
-        out = subprocess.run(
-            ["squeue", "-h", "-j", str(job_id), "-o", "%T"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return out.returncode == 0 and bool(out.stdout.strip())
+    from pipeline.lock import squeue_states
+
+    return bool(squeue_states(job_id))

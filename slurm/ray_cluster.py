@@ -1,14 +1,15 @@
 """Ray on Slurm: one Ray node per Slurm node of a job, rank 0 is the head and the driver.
 
-Rank 0 starts ``ray start --head --block`` with every port pinned and derived from
-``SLURM_JOB_ID`` (so jobs sharing a node do not collide), a short per-job temp dir (Unix socket
-paths cap at 107 bytes), ``--node-ip-address`` and num_cpus / num_gpus / object store sized from
-the allocation, not the machine. It publishes ``ip:port`` in a rendezvous file on the shared
-submitit folder, waits until all N nodes are alive, runs the driver, then writes a sentinel file
-and stops its own Ray by PID. Other ranks wait for the address, start
-``ray start --address ... --block`` and stop it when the sentinel appears. ``ray stop`` is never
-used: it kills every Ray on the host.
-"""
+Rank 0 starts ``ray start --head --block`` with every port pinned: the first free block from
+one derived from ``SLURM_JOB_ID`` and the rank (:mod:`slurm.ray_network`; a port taken between
+the check and the bind moves the node to the next block), a short per-job temp dir (Unix socket
+paths cap at 107 bytes), ``--node-ip-address`` (Ray's choice, or the address of the job's
+``interface``, whose name also goes to ``GLOO_SOCKET_IFNAME`` / ``NCCL_SOCKET_IFNAME``), and
+num_cpus / num_gpus / object store sized from the allocation and the task's CPU affinity, not
+the machine. It publishes ``ip:port`` in a rendezvous file on the shared submitit folder, waits
+until all N nodes are alive, runs the driver, then writes a sentinel file and stops its own Ray
+by PID. Other ranks wait for the address, start ``ray start --address ... --block`` and stop it
+when the sentinel appears. ``ray stop`` is never used: it kills every Ray on the host."""
 
 from __future__ import annotations
 
@@ -29,82 +30,24 @@ from typing import TypeVar
 import submitit
 
 from pipeline.atomic import atomic_write_text
+from pipeline.backends.ray.config import NETWORK_ENV
+from slurm.ray_network import (
+    PortsExhausted,
+    RayPorts,
+    free_ray_ports,
+    interface_address,
+    node_ip_address,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# Pinned ports stay below Linux's ephemeral range (32768-60999), where outgoing connections
-# would take them: [PORT_FLOOR, PORT_FLOOR + JOB_SLOTS * JOB_SPAN) = [10000, 32000).
-PORT_FLOOR = 10000
-NODE_SPAN = 100  # ports per Ray node: 10 fixed + 90 for worker processes
-NODES_PER_HOST = 4  # Ray nodes of one job that may share a host (emulated clusters)
-JOB_SPAN = NODE_SPAN * NODES_PER_HOST
-JOB_SLOTS = 55  # job ids modulo this pick a port block
 MIN_OBJECT_STORE = 80 * 1024**2  # Ray refuses less than ~75 MiB
+EARLY_EXIT_S = 30.0  # a worker's `ray start` that exits this soon is retried on other ports
 
 
 class RayBootstrapError(RuntimeError):
     """The Ray cluster of a Slurm job did not come up or went away (message says which rank)."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class RayPorts:
-    """Every port a Ray node binds; none is left to chance (0 = "pick one").
-
-    The Ray Client server is not started (it needs ``ray[client]``, which hawq does not use).
-    """
-
-    gcs: int
-    node_manager: int
-    object_manager: int
-    dashboard: int
-    dashboard_agent_listen: int
-    dashboard_agent_grpc: int
-    metrics_export: int
-    runtime_env_agent: int
-    min_worker: int
-    max_worker: int
-
-    def args(self, head: bool) -> list[str]:
-        out = [
-            f"--node-manager-port={self.node_manager}",
-            f"--object-manager-port={self.object_manager}",
-            f"--dashboard-agent-listen-port={self.dashboard_agent_listen}",
-            f"--dashboard-agent-grpc-port={self.dashboard_agent_grpc}",
-            f"--metrics-export-port={self.metrics_export}",
-            f"--runtime-env-agent-port={self.runtime_env_agent}",
-            f"--min-worker-port={self.min_worker}",
-            f"--max-worker-port={self.max_worker}",
-        ]
-        if head:
-            out += [
-                f"--port={self.gcs}",
-                f"--dashboard-port={self.dashboard}",
-            ]
-        return out
-
-
-def ray_ports(job_id: int, node_index: int) -> RayPorts:
-    """Ports for Ray node ``node_index`` of Slurm job ``job_id``.
-
-    Jobs whose ids differ modulo ``JOB_SLOTS`` never share a port; within a job each node gets
-    its own ``NODE_SPAN`` block, so nodes emulated on one host do not collide either.
-    """
-    if job_id < 0 or node_index < 0:
-        raise ValueError(f"job_id {job_id} and node_index {node_index} must be >= 0")
-    base = PORT_FLOOR + (job_id % JOB_SLOTS) * JOB_SPAN + (node_index % NODES_PER_HOST) * NODE_SPAN
-    return RayPorts(
-        gcs=base,
-        node_manager=base + 1,
-        object_manager=base + 2,
-        dashboard=base + 3,
-        dashboard_agent_listen=base + 4,
-        dashboard_agent_grpc=base + 5,
-        metrics_export=base + 6,
-        runtime_env_agent=base + 7,
-        min_worker=base + 10,
-        max_worker=base + NODE_SPAN - 1,
-    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,11 +60,16 @@ class NodeResources:
 
     @classmethod
     def from_allocation(
-        cls, env: Mapping[str, str], tasks_on_node: int = 1, object_store_fraction: float = 0.3
+        cls,
+        env: Mapping[str, str],
+        tasks_on_node: int = 1,
+        object_store_fraction: float = 0.3,
+        affinity: int | None = None,
     ) -> NodeResources:
         """This task's share of the allocation, from the ``SLURM_*`` variables.
 
-        CPUs: ``SLURM_CPUS_PER_TASK``, else ``SLURM_CPUS_ON_NODE / tasks_on_node``, else 1.
+        CPUs: ``SLURM_CPUS_PER_TASK``, else ``SLURM_CPUS_ON_NODE / tasks_on_node``, else 1;
+        at most ``affinity`` (the CPUs the task may run on: ``os.sched_getaffinity``).
         GPUs: ``CUDA_VISIBLE_DEVICES``, else ``SLURM_GPUS_ON_NODE``. Object store:
         ``object_store_fraction`` of ``SLURM_MEM_PER_NODE / tasks_on_node`` (2 GiB without --mem).
         """
@@ -129,6 +77,8 @@ class NodeResources:
         cpus = int(env.get("SLURM_CPUS_PER_TASK") or 0)
         if not cpus:
             cpus = max(1, int(env.get("SLURM_CPUS_ON_NODE") or 1) // tasks_on_node)
+        if affinity:
+            cpus = min(cpus, affinity)
         visible = [g for g in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
         gpus = len(visible)
         if not gpus and env.get("SLURM_GPUS_ON_NODE", "").isdigit():
@@ -144,13 +94,6 @@ class NodeResources:
             f"--num-gpus={self.num_gpus}",
             f"--object-store-memory={self.object_store_bytes}",
         ]
-
-
-def node_ip_address() -> str:
-    """This node's address as Ray reports it (the one other nodes reach it on)."""
-    import ray.util  # deferred: importing ray costs ~1 s
-
-    return ray.util.get_node_ip_address()
 
 
 def _group_members(pgid: int) -> list[int]:
@@ -262,11 +205,22 @@ class RayOnSlurm:
     temp_dir: Path  # node-local, short
     resources: NodeResources
     env: Mapping[str, str]
+    node_ip: str  # the address other nodes reach this one on
     join_timeout_s: float = 300.0
+    start_attempts: int = 3  # port blocks tried when ``ray start`` cannot bind
 
     @classmethod
-    def from_job_environment(cls, job_env: submitit.JobEnvironment, folder: Path) -> RayOnSlurm:
-        """For the running submitit task; ``folder`` (the job's submitit folder) is shared."""
+    def from_job_environment(
+        cls, job_env: submitit.JobEnvironment, folder: Path, interface: str | None = None
+    ) -> RayOnSlurm:
+        """For the running submitit task; ``folder`` (the job's submitit folder) is shared.
+
+        ``interface`` (e.g. ``ib0``): Ray binds that interface's address, and gloo / nccl use it
+        (``GLOO_SOCKET_IFNAME`` / ``NCCL_SOCKET_IFNAME``, inherited by every Ray worker).
+        """
+        if interface:
+            for var in NETWORK_ENV:
+                os.environ[var] = interface
         env = dict(os.environ)
         job_id = int(job_env.raw_job_id)
         restart = int(env.get("SLURM_RESTART_COUNT") or 0)  # a requeue must not see old files
@@ -277,9 +231,12 @@ class RayOnSlurm:
             rendezvous=folder / f"ray-{job_id}-{restart}",
             temp_dir=Path("/tmp") / f"hawq-ray-{job_id}-{job_env.global_rank}",
             resources=NodeResources.from_allocation(
-                env, tasks_on_node=job_env.num_tasks // max(1, job_env.num_nodes)
+                env,
+                tasks_on_node=job_env.num_tasks // max(1, job_env.num_nodes),
+                affinity=len(os.sched_getaffinity(0)),
             ),
             env=env,
+            node_ip=interface_address(interface) if interface else node_ip_address(),
         )
 
     @property
@@ -290,14 +247,32 @@ class RayOnSlurm:
     def sentinel(self) -> Path:
         return self.rendezvous / "done"
 
-    def _start(self, head_address: str | None) -> RayNodeProcess:
-        ports = ray_ports(self.job_id, self.rank)
+    def _start(self, head_address: str | None, attempt: int) -> tuple[RayNodeProcess, RayPorts]:
+        try:
+            ports = free_ray_ports(self.job_id, self.rank, skip=attempt)
+        except PortsExhausted as err:
+            raise RayBootstrapError(f"rank {self.rank}: {err}") from None
         argv = [_ray_executable(), "start", "--block", "--disable-usage-stats"]
         argv += ["--head", "--include-dashboard=false"] if head_address is None else []
         argv += [f"--address={head_address}"] if head_address else []
-        argv += [f"--node-ip-address={node_ip_address()}", f"--temp-dir={self.temp_dir}"]
+        argv += [f"--node-ip-address={self.node_ip}", f"--temp-dir={self.temp_dir}"]
         argv += ports.args(head=head_address is None) + self.resources.args()
-        return RayNodeProcess(argv, self.rendezvous / f"ray-rank{self.rank}.log", self.env)
+        log_path = self.rendezvous / f"ray-rank{self.rank}.log"
+        return RayNodeProcess(argv, log_path, self.env), ports
+
+    def _start_head(self) -> tuple[RayNodeProcess, str]:
+        """Start the head on free ports; a port taken meanwhile moves on to the next block."""
+        for attempt in range(self.start_attempts):
+            head, ports = self._start(None, attempt)
+            try:
+                wait_for_port(self.node_ip, ports.gcs, self.join_timeout_s, head.alive)
+                return head, f"{self.node_ip}:{ports.gcs}"
+            except RayBootstrapError as err:
+                head.stop()
+                if attempt + 1 == self.start_attempts:
+                    raise RayBootstrapError(f"{err}\n{head.tail()}") from None
+                log.warning("Ray head on port %d failed (%s); trying other ports", ports.gcs, err)
+        raise AssertionError("unreachable")
 
     def drive(self, driver: Callable[[str], T]) -> tuple[int, T]:
         """Rank 0: start the head, wait for every node, run ``driver(address)``, tear down.
@@ -305,21 +280,21 @@ class RayOnSlurm:
         Returns (nodes alive when the driver started, what the driver returned).
         """
         self.rendezvous.mkdir(parents=True, exist_ok=True)
-        head = self._start(None)
+        head = None
         try:
-            ip, port = node_ip_address(), ray_ports(self.job_id, 0).gcs
-            address = f"{ip}:{port}"
-            wait_for_port(ip, port, self.join_timeout_s, head.alive)
+            head, address = self._start_head()
             nodes = wait_for_nodes(
                 address, self.size, self.join_timeout_s, lambda: self._publish(address)
             )
             log.info("Ray cluster %s: %d node(s) alive; running the driver", address, nodes)
             return nodes, driver(address)
         except RayBootstrapError as err:
-            raise RayBootstrapError(f"rank 0: {err}\n{head.tail()}") from None
+            tail = head.tail() if head is not None else ""
+            raise RayBootstrapError(f"rank 0: {err}\n{tail}") from None
         finally:
             self.sentinel.touch()  # workers exit on it, whatever happened here
-            head.stop()
+            if head is not None:
+                head.stop()
             shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def _publish(self, address: str) -> None:
@@ -338,12 +313,19 @@ class RayOnSlurm:
                     f"{self.join_timeout_s:.0f} s (did rank 0 start?)"
                 )
             time.sleep(poll_s)
-        node = self._start(self.address_file.read_text().strip())
+        address = self.address_file.read_text().strip()
+        attempt, node, started = 0, self._start(address, 0)[0], time.monotonic()
         try:
             while not self.sentinel.exists():
                 if not node.alive():
                     if self.sentinel.exists():
                         break
+                    early = time.monotonic() - started < EARLY_EXIT_S
+                    if early and attempt + 1 < self.start_attempts:  # e.g. a port taken
+                        attempt += 1
+                        log.warning("rank %d: ray start exited early; other ports", self.rank)
+                        node, started = self._start(address, attempt)[0], time.monotonic()
+                        continue
                     raise RayBootstrapError(
                         f"rank {self.rank}: ray start exited ({node.proc.returncode}) before "
                         f"the driver finished\n{node.tail()}"

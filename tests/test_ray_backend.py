@@ -12,6 +12,7 @@ import math
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from functools import partial
 
 import pytest
@@ -23,7 +24,7 @@ from torch import nn
 
 from hawq.blocks import partition_blocks
 from hawq.hessian.operator import HessianError
-from hawq.hessian.table import EIGEN_COLUMNS, HessianConfig, analyze
+from hawq.hessian.table import EIGEN_COLUMNS, TRACE_COLUMNS, HessianConfig, analyze
 from pipeline.backends.base import HessianJob
 from pipeline.backends.ray import RayBackendConfig, default_auth_mode
 from pipeline.backends.ray.backend import RayBackend
@@ -122,7 +123,7 @@ def test_config_validation():
         {"max_actor_restarts": -1},
         {"memory_budget_mb": float("nan")},
         {"address": ""},
-        {"spread": "yes"},
+        {"placement": "yes"},
     ):
         with pytest.raises(ValueError):
             RayBackendConfig(**bad)
@@ -147,21 +148,26 @@ def backends():
     ray.shutdown()
 
 
-@pytest.fixture(scope="class")
-def cluster():
-    """Three raylets (``ray.cluster_utils.Cluster``, 1 CPU each) on this host."""
+def _local_cluster(nodes: int, cpus: int) -> Iterator[Cluster]:
+    """``nodes`` raylets with ``cpus`` CPUs each on this host, connected; torn down after."""
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 1, "object_store_memory": OBJECT_STORE,
+        head_node_args={"num_cpus": cpus, "object_store_memory": OBJECT_STORE,
                         "include_dashboard": False},
     )  # fmt: skip
-    for _ in range(2):
-        cluster.add_node(num_cpus=1, object_store_memory=OBJECT_STORE)
+    for _ in range(nodes - 1):
+        cluster.add_node(num_cpus=cpus, object_store_memory=OBJECT_STORE)
     ray.init(address=cluster.address)
     cluster.wait_for_nodes()
     yield cluster
     ray.shutdown()
     cluster.shutdown()
+
+
+@pytest.fixture(scope="class")
+def cluster():
+    """Three raylets (``ray.cluster_utils.Cluster``, 1 CPU each) on this host."""
+    yield from _local_cluster(3, 1)
 
 
 class TestLocalCluster:
@@ -277,6 +283,23 @@ class TestLocalCluster:
         hvps = 4 * 3 + 4  # 3 blocks x 4 power iterations + 4 probes
         assert wide["bytes_to_driver"] / hvps < 0.05 * 8 * wide["n_params"]
 
+    def test_saved_probes_are_reused_not_recomputed(self, backends, truth):
+        backend = backends(2, 2)
+        saved: dict[int, dict[str, float]] = {}
+        full = backend.run(JOB, on_probe=saved.__setitem__, progress=False).to_pylist()
+        assert_same_rows(full, truth)
+        assert len(saved) == backend.stats["probes_computed"] >= backend.stats["probes_used"]
+        partial = {p: saved[p] for p in range(2)}
+        again: dict[int, dict[str, float]] = {}
+        done = {r["block"]: r for r in full}
+        resumed = backend.run(
+            JOB, done=done, probes=partial, on_probe=again.__setitem__, progress=False
+        ).to_pylist()
+        assert backend.stats["probes_skipped"] == 2 and not set(again) & set(partial)
+        assert backend.stats["blocks_computed"] == 0
+        for got, want in zip(resumed, full, strict=True):  # the same samples: the same traces
+            assert [got[c] for c in TRACE_COLUMNS] == [want[c] for c in TRACE_COLUMNS]
+
     def test_algorithmic_errors_propagate_without_retries(self, backends):
         x, y = JOB.batches[3]
         poisoned = list(JOB.batches)
@@ -292,10 +315,46 @@ class TestThreeNodeCluster:
 
     @pytest.mark.parametrize("grid", [(2, 2), (3, 1)], ids=["2x2", "3x1"])
     def test_matches_single_process(self, cluster, truth, grid):
-        backend = RayBackend(backend_config(*grid))
+        cfg = dataclasses.replace(backend_config(*grid), placement="spread")
+        backend = RayBackend(cfg)
         try:
             table = backend.run(JOB, progress=False)
             assert_same_rows(table.to_pylist(), truth)
-            assert backend.stats["nodes"] == 3  # SPREAD: the shards really sit on 3 raylets
+            # SPREAD: each group's shards sit on different raylets (gloo across nodes)
+            for g in range(grid[1]):
+                nodes = {backend.placement[(g, d)]["node"] for d in range(grid[0])}
+                assert len(nodes) == grid[0], (g, nodes)
+            assert backend.stats["nodes"] == (3 if grid == (3, 1) else backend.stats["nodes"])
         finally:
             backend.close()
+
+
+@pytest.fixture(scope="class")
+def two_by_two():
+    """Two raylets with 2 CPUs each (``ray.cluster_utils.Cluster``)."""
+    yield from _local_cluster(2, 2)
+
+
+class TestPackedGroups:
+    """One placement group per block group: PACK keeps a group's all-reduce on one node."""
+
+    def test_each_group_shares_a_node_and_gets_the_interface_env(
+        self, two_by_two, truth, monkeypatch
+    ):
+        monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+        monkeypatch.setenv("NCCL_SOCKET_IFNAME", "lo")
+        cfg = dataclasses.replace(backend_config(2, 2), cpus_per_actor=1.0)
+        backend = RayBackend(cfg)
+        try:
+            table = backend.run(JOB, progress=False)
+            assert_same_rows(table.to_pylist(), truth)
+            nodes = [{backend.placement[(g, d)]["node"] for d in range(2)} for g in range(2)]
+            assert [len(n) for n in nodes] == [1, 1], nodes  # a group on one node
+            assert nodes[0] != nodes[1]  # 2 CPUs per node: the other group on the other node
+            for info in backend.placement.values():
+                assert info["env"] == {"GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"}
+            assert len(ray.util.placement_group_table()) >= 2
+        finally:
+            backend.close()
+        live = [p for p in ray.util.placement_group_table().values() if p["state"] != "REMOVED"]
+        assert not live  # close() removed the groups

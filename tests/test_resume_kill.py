@@ -151,4 +151,4 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path: Path, tmp_path_factory,
     assert {k: (r.key, r.status) for k, r in manifest.items()} == {
         k: (r.key, r.status) for k, r in clean_manifest.items()
     }
-    assert (killed / MANIFEST).exists() and "lock" in snapshot(killed)
+    assert (killed / MANIFEST).exists() and "lock" not in snapshot(killed)  # released

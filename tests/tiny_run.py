@@ -116,13 +116,21 @@ def _meta(value: str) -> Any:
         return value
 
 
+def _run_files(root: Path) -> set[str]:
+    """A run dir's files, without ``SKIP`` and the Slurm launcher's ``slurm/`` folder."""
+    return {
+        str(p.relative_to(root))
+        for p in root.rglob("*")
+        if p.is_file() and p.name not in SKIP and p.relative_to(root).parts[0] != "slurm"
+    }
+
+
 def assert_same_outputs(a: Path, b: Path) -> int:
     """Every Parquet/safetensors/JSON/YAML file of run dir ``a`` equals ``b``'s, timing aside.
 
     Returns the number of files compared.
     """
-    files_a = {str(p.relative_to(a)) for p in a.rglob("*") if p.is_file() and p.name not in SKIP}
-    files_b = {str(p.relative_to(b)) for p in b.rglob("*") if p.is_file() and p.name not in SKIP}
+    files_a, files_b = _run_files(a), _run_files(b)
     assert files_a == files_b, f"different files: {sorted(files_a ^ files_b)}"
     for rel in sorted(files_a):
         fa, fb = a / rel, b / rel

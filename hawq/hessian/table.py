@@ -189,17 +189,44 @@ def trace_columns(
     }
 
 
+ProbeCallback = Callable[[int, dict[str, float]], None]
+
+
+def resumable_samples(
+    sample_fn: Callable[[int], Mapping[str, float]],
+    done: Mapping[int, Mapping[str, float]] | None = None,
+    on_sample: ProbeCallback | None = None,
+) -> Callable[[int], Mapping[str, float]]:
+    """``sample_fn`` that returns probe ``p``'s samples from ``done`` when there (an earlier,
+    interrupted run), else computes them and passes them to ``on_sample(p, samples)`` (to
+    persist them). Same samples in the same order: the same traces, bit for bit."""
+    done = dict(done or {})
+
+    def sample(p: int) -> Mapping[str, float]:
+        if p in done:
+            return done[p]
+        out = sample_fn(p)
+        if on_sample is not None:
+            on_sample(p, dict(out))
+        return out
+
+    return sample
+
+
 def trace_rows(
     op: HessianOperator,
     config: HessianConfig,
     *,
     progress: bool = False,
     deflation: Deflation | None = None,
+    probes: Mapping[int, Mapping[str, float]] | None = None,
+    on_probe: ProbeCallback | None = None,
 ) -> dict[str, dict]:
     """The trace columns of every block, from one joint HVP per Rademacher probe.
 
     With ``deflation`` each probe is projected off the blocks' bases first (see
-    ``hawq.hessian.trace_deflated``); without it, plain Hutchinson.
+    ``hawq.hessian.trace_deflated``); without it, plain Hutchinson. probes: per-probe samples
+    already computed (resume); on_probe: called with each new one.
     """
     dims = {b.name: op.dim(b.name) for b in op.blocks}
     bar = progress_bar(
@@ -212,7 +239,7 @@ def trace_rows(
         return out
 
     try:
-        return trace_columns(sample, list(dims), config)
+        return trace_columns(resumable_samples(sample, probes, on_probe), list(dims), config)
     finally:
         bar.close()
 
@@ -238,6 +265,8 @@ def analyze(
     grouping: str = "layer",
     done: Mapping[str, Mapping] | None = None,
     on_row: Callable[[dict], None] | None = None,
+    probes: Mapping[int, Mapping[str, float]] | None = None,
+    on_probe: ProbeCallback | None = None,
     progress: bool = True,
 ) -> pa.Table:
     """Sensitivity table (``SENSITIVITY_SCHEMA``) of every block of ``model``.
@@ -248,6 +277,7 @@ def analyze(
         the same deterministic solve, so the traces equal an uninterrupted run's).
     on_row: called with each newly computed eigen row (not for ``done`` rows), e.g. to
         persist it; trace columns are added to the table after all eigen rows.
+    probes / on_probe: the same for the Hutchinson probes (``{probe: {block: sample}}``).
     """
     config = HessianConfig() if config is None else config
     if not isinstance(config, HessianConfig):
@@ -298,6 +328,15 @@ def analyze(
                     tops[b.name] = block_eigen(op, b, config)[1]
             deflation = Deflation.from_eigen({b.name: tops[b.name] for b in blocks})
         traces = (
-            trace_rows(op, config, progress=progress, deflation=deflation) if config.trace else {}
+            trace_rows(
+                op,
+                config,
+                progress=progress,
+                deflation=deflation,
+                probes=probes,
+                on_probe=on_probe,
+            )
+            if config.trace
+            else {}
         )
     return sensitivity_table(blocks, rows, traces)

@@ -46,10 +46,13 @@ class HessianJob:
 
 
 RowCallback = Callable[[dict], None]
+ProbeCallback = Callable[[int, dict[str, float]], None]
+Probes = Mapping[int, Mapping[str, float]]
 
 
 class HessianBackend(Protocol):
-    """Runs a :class:`HessianJob`; skips blocks in ``done``; calls ``on_row`` per finished block."""
+    """Runs a :class:`HessianJob`; skips blocks in ``done`` and Hutchinson probes in ``probes``;
+    calls ``on_row`` per finished block and ``on_probe(p, {block: sample})`` per new probe."""
 
     def run(
         self,
@@ -57,6 +60,8 @@ class HessianBackend(Protocol):
         *,
         done: Mapping[str, dict] | None = None,
         on_row: RowCallback | None = None,
+        probes: Probes | None = None,
+        on_probe: ProbeCallback | None = None,
         progress: bool = True,
     ) -> pa.Table: ...
 

@@ -8,7 +8,7 @@ import pyarrow as pa
 import torch
 
 from hawq.hessian.table import analyze
-from pipeline.backends.base import HessianJob, RowCallback
+from pipeline.backends.base import HessianJob, ProbeCallback, Probes, RowCallback
 
 
 class LocalBackend:
@@ -23,9 +23,12 @@ class LocalBackend:
         *,
         done: Mapping[str, dict] | None = None,
         on_row: RowCallback | None = None,
+        probes: Probes | None = None,
+        on_probe: ProbeCallback | None = None,
         progress: bool = True,
     ) -> pa.Table:
-        """The sensitivity table of ``job`` (blocks in ``done`` are reused, not recomputed)."""
+        """The sensitivity table of ``job`` (blocks in ``done`` and probes in ``probes`` are
+        reused, not recomputed)."""
         model = job.instantiate(self.device)
         batches = [(x.to(self.device), y.to(self.device)) for x, y in job.batches]
         return analyze(
@@ -36,6 +39,8 @@ class LocalBackend:
             blocks=job.blocks,
             done=done,
             on_row=on_row,
+            probes=probes,
+            on_probe=on_probe,
             progress=progress,
         )
 

@@ -11,7 +11,6 @@ the one place where pipeline settings become hawq configs.
 from __future__ import annotations
 
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
@@ -236,9 +235,12 @@ class FinetuneSection(Section):
     """Fine-tuning order: descending Omega (HAWQ), its reverse, or random."""
     batch_size: int = 128
     """Training batch size."""
+    checkpoint_every_steps: int = 0
+    """Also save the fine-tuning state every N optimizer steps (0: at epoch ends only)."""
 
     def check(self) -> None:
         check_positive("epochs_per_stage", self.epochs_per_stage, allow_zero=True)
+        check_positive("checkpoint_every_steps", self.checkpoint_every_steps, allow_zero=True)
         for key in ("blocks_per_stage", "lr", "temperature", "batch_size"):
             check_positive(key, getattr(self, key))
         check_positive("step_size", self.step_size)
@@ -253,7 +255,7 @@ class FinetuneSection(Section):
 
         d = self.to_dict()
         d["epochs"] = max(1, d.pop("epochs_per_stage"))  # 0 runs no QAT at all
-        for key in ("blocks_per_stage", "order"):
+        for key in ("blocks_per_stage", "order", "checkpoint_every_steps"):
             del d[key]
         return QATConfig(**d, seed=seed, eval_batch_size=eval_batch_size)
 
@@ -350,7 +352,7 @@ class BackendSection(Section):
 
     def to_ray(self) -> RayBackendConfig:
         """The Ray backend's config; a private local Ray gets enough CPUs for the actor grid."""
-        from pipeline.backends.ray.config import RayBackendConfig
+        from pipeline.backends.ray.config import RayBackendConfig, available_cpus
 
         need = math.ceil(self.data_shards * self.block_groups * self.cpus_per_actor)
         return RayBackendConfig(
@@ -360,7 +362,7 @@ class BackendSection(Section):
             cpus_per_actor=self.cpus_per_actor,
             gpus_per_actor=self.gpus_per_actor,
             memory_budget_mb=self.memory_budget_mb,
-            num_cpus=None if self.address else max(need, os.cpu_count() or 1),
+            num_cpus=None if self.address else max(need, available_cpus()),
         )
 
 

@@ -4,8 +4,11 @@ Both stages train through the one hawq loop (``hawq.qat.train_float`` / ``run_qa
 every epoch the loop's ``QATState`` is written as one safetensors file (tensors, with the JSON
 metadata under the ``qat`` key, so tensors and counters commit in one atomic rename), the rows
 so far as ``epochs.parquet``; then progress is recorded and the ``<stage>:epoch:<n>`` pause
-point is passed. A resumed run feeds the state back to the loop, which continues
-bit-identically. A state file stamped with another stage key is ignored.
+point is passed. With ``every_steps`` (``finetune.checkpoint_every_steps``) the state is also
+written mid-epoch (then ``<stage>:step:<epoch>:<steps>``), and at the next step boundary after a
+preemption signal (:mod:`pipeline.preempt`). A resumed run feeds the state back to the loop,
+which continues bit-identically (mid-epoch: same data order, finished batches skipped). A state
+file stamped with another stage key is ignored.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections.abc import Callable, Sequence
 import pyarrow as pa
 
 from hawq.qat import EpochRecord, QATState
+from pipeline import preempt
 from pipeline.stages.base import StageContext
 
 log = logging.getLogger(__name__)
@@ -58,12 +62,19 @@ def _load_state(ctx: StageContext, name: str) -> QATState | None:
     state = QATState(tensors=tensors, meta=json.loads(meta["qat"]))
     m = state.meta
     where = f"stage {m['stage'] + 1} epoch {m['epoch']}" if len(m["stages"]) > 1 else ""
-    log.info("%s: resuming training after %s", ctx.stage, where or f"epoch {m['epoch']}")
+    where = where or f"epoch {m['epoch']}"
+    if "partial" in m:  # saved mid-epoch
+        where += f", {m['partial']['step']} steps into the next"
+    log.info("%s: resuming training after %s", ctx.stage, where)
     return state
 
 
-def train_resumably(ctx: StageContext, train: TrainLoop, *, state_file: str, total: int) -> None:
-    """Run ``train(state=..., on_epoch_end=...)`` with the state persisted after every epoch."""
+def train_resumably(
+    ctx: StageContext, train: TrainLoop, *, state_file: str, total: int, every_steps: int = 0
+) -> None:
+    """Run ``train(state=..., on_epoch_end=..., on_step=...)`` with the state persisted after
+    every epoch, every ``every_steps`` optimizer steps (0: epoch ends only) and at the step a
+    preemption (:mod:`pipeline.preempt`) is requested; the preemption then proceeds."""
     state = _load_state(ctx, state_file)
     t0, first = time.perf_counter(), 0 if state is None else int(state.meta["global_epoch"])
 
@@ -77,7 +88,20 @@ def train_resumably(ctx: StageContext, train: TrainLoop, *, state_file: str, tot
             "%s: epoch %d/%d done, train loss %.4f, eval loss %.4f, acc %.4f (ETA %.0fs)",
             ctx.stage, done, total, rec.train_loss, rec.eval_loss, rec.eval_acc, eta,
         )  # fmt: skip
-        ctx.pause(f"epoch:{done}")
+        with preempt.safe_point():  # saved: a preemption may proceed here
+            ctx.pause(f"epoch:{done}")
+
+    def on_step(global_epoch: int, steps: int, capture: Callable[[], QATState]) -> None:
+        preempt.signal_point(f"{ctx.stage}:step:{global_epoch + 1}:{steps}")  # test hook
+        wanted = preempt.requested()
+        if not wanted and not (every_steps and steps % every_steps == 0):
+            return
+        st = capture()
+        ctx.write_tensors(state_file, st.tensors, qat=json.dumps(st.meta))
+        log.info("%s: state saved at epoch %d step %d", ctx.stage, global_epoch + 1, steps)
+        with preempt.safe_point():  # runs a pending preemption (submitit: requeue and exit)
+            ctx.pause(f"step:{global_epoch + 1}:{steps}")
 
     ctx.report_progress(first, total, "epochs")
-    train(state=state, on_epoch_end=on_epoch_end)
+    with preempt.deferrable():
+        train(state=state, on_epoch_end=on_epoch_end, on_step=on_step)

@@ -1,6 +1,7 @@
 """Stage ``finetune``: block-wise QAT in the Omega order (``hawq.qat.run_qat``), resumable.
 
-The QAT state is persisted after every epoch as ``state.safetensors`` and the epoch rows as
+The QAT state is persisted after every epoch (and every ``checkpoint_every_steps`` steps, and
+on a preemption signal) as ``state.safetensors`` and the epoch rows as
 ``epochs.parquet`` (see :mod:`pipeline.stages.epochs`); a resumed run continues
 bit-identically. Output: ``model.safetensors`` (the fake-quant model's state dict) and
 ``epochs.parquet``. ``epochs_per_stage: 0`` means post-training quantization: quantize
@@ -31,7 +32,12 @@ STATE = "state.safetensors"
 
 def params(cfg: RunConfig, fingerprint: str) -> Params:
     return {
-        **flat("finetune", cfg.finetune.to_dict(), skip=("order", "blocks_per_stage")),
+        # how often the state is saved does not change the result: not part of the key
+        **flat(
+            "finetune",
+            cfg.finetune.to_dict(),
+            skip=("order", "blocks_per_stage", "checkpoint_every_steps"),
+        ),  # fmt: skip
         "run.seed": cfg.run.seed,
         "data.batch_size": cfg.data.batch_size,
     }
@@ -60,7 +66,10 @@ def run(ctx: StageContext) -> None:
         teacher=ctx.float_model() if qcfg.loss == "distill" else None,
         loss_fn=ctx.loss_fn(),
     )
-    train_resumably(ctx, loop, state_file=STATE, total=qcfg.epochs * len(stages))
+    train_resumably(
+        ctx, loop, state_file=STATE, total=qcfg.epochs * len(stages),
+        every_steps=cfg.finetune.checkpoint_every_steps,
+    )  # fmt: skip
     ctx.write_tensors("model.safetensors", model.state_dict())
 
 

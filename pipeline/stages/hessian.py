@@ -1,16 +1,19 @@
 """Stage ``hessian``: per-block top eigenvalue(s) and trace, through the configured backend.
 
-Each block's eigen row is written to ``blocks/<index>.parquet`` the moment it finishes; a
-resumed run passes those rows to the backend as ``done`` so only the missing blocks (and the
-Hutchinson trace, which needs every block at once) are computed; with
+Each block's eigen row is written to ``blocks/<index>.parquet`` the moment it finishes, and
+each Hutchinson probe's per-block samples ``v_b^T (H v)_b`` to ``probes/<p>.parquet`` (columns
+probe, block, sample); a resumed run passes both to the backend (``done``, ``probes``) so only
+the missing blocks and probes are computed, and the traces (means over the same samples in the
+same order) are bit for bit those of an uninterrupted run. Output: ``sensitivity.parquet``
+(``hawq.hessian.table.SENSITIVITY_SCHEMA`` + ``stage_key``). With
 ``hessian.trace_method: deflated`` the done blocks' Lanczos bases, which are not persisted, are
-solved again for the trace (same numbers, their eigen HVPs once more). Output:
-``sensitivity.parquet`` (``hawq.hessian.table.SENSITIVITY_SCHEMA`` + ``stage_key``).
+solved again for the trace (same numbers, their eigen HVPs once more).
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 
 import pyarrow as pa
 import torch
@@ -25,7 +28,9 @@ from pipeline.stages.base import Params, Stage, StageContext, flat
 log = logging.getLogger(__name__)
 
 ROWS_DIR = "blocks"
+PROBES_DIR = "probes"
 EIGEN_SCHEMA = pa.schema([SENSITIVITY_SCHEMA.field(c) for c in EIGEN_COLUMNS])
+PROBE_SCHEMA = pa.schema([("probe", pa.int64()), ("block", pa.string()), ("sample", pa.float64())])
 
 
 def params(cfg: RunConfig, fingerprint: str) -> Params:
@@ -69,6 +74,17 @@ def _done_rows(ctx: StageContext) -> dict[str, dict]:
     return rows
 
 
+def _done_probes(ctx: StageContext) -> dict[int, dict[str, float]]:
+    probes: dict[int, dict[str, float]] = {}
+    folder = ctx.path(PROBES_DIR)
+    if folder.exists():
+        for f in sorted(folder.glob("[!.]*.parquet")):
+            table = ctx.store.read_table(ctx.stage, f"{PROBES_DIR}/{f.name}", key=ctx.key)
+            for row in table.to_pylist():
+                probes.setdefault(row["probe"], {})[row["block"]] = row["sample"]
+    return probes
+
+
 def run(ctx: StageContext) -> None:
     """Run the backend, persisting each block's row as it finishes."""
     job = make_job(ctx)
@@ -88,14 +104,30 @@ def run(ctx: StageContext) -> None:
         ctx.report_progress(finished, total, "blocks")
         ctx.pause(f"block:{finished}")
 
+    probes = _done_probes(ctx)
+    if probes:
+        log.info("hessian: %d Hutchinson probe(s) already done", len(probes))
+
+    def on_probe(p: int, samples: dict[str, float]) -> None:
+        rows = [{"probe": p, "block": b, "sample": v} for b, v in samples.items()]
+        ctx.write_table(f"{PROBES_DIR}/{p:05d}.parquet", pa.Table.from_pylist(rows, PROBE_SCHEMA))
+        probes[p] = samples
+        ctx.pause(f"probe-saved:{len(probes)}")
+
     backend = ctx.backend() if ctx.backend is not None else None
     if backend is None:
         raise RuntimeError("the hessian stage needs a backend")
     try:
-        table = backend.run(job, done=done, on_row=on_row, progress=ctx.progress)
+        table = backend.run(
+            job, done=done, on_row=on_row, probes=dict(probes), on_probe=on_probe,
+            progress=ctx.progress,
+        )  # fmt: skip
     finally:
         backend.close()
     ctx.write_table("sensitivity.parquet", table.cast(SENSITIVITY_SCHEMA))
+    # the traces are in the table now; how many probes a backend computed ahead (Ray does)
+    # varies, so the per-probe files go and finished run dirs are alike
+    shutil.rmtree(ctx.path(PROBES_DIR), ignore_errors=True)
 
 
 STAGE = Stage(

@@ -29,6 +29,7 @@ from hawq.hessian.table import EIGEN_RESULT_COLUMNS, block_eigen
 from hawq.hessian.trace import probe_sample
 from hawq.hessian.trace_deflated import Deflation
 from pipeline.backends.base import Batch, HessianJob
+from pipeline.backends.ray.config import NETWORK_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ class HessianWorker:
             "node": ray.get_runtime_context().get_node_id(),
             "pid": os.getpid(),
             "gen": self._gen,
+            "env": {k: os.environ[k] for k in NETWORK_ENV if k in os.environ},
         }
 
     def rendezvous(self) -> tuple[str, int]:

@@ -1,7 +1,8 @@
 """Ray backend: the Hessian analysis on a grid of ``data_shards x block_groups`` actors.
 
 Layout. Actor ``(g, d)`` holds data shard ``d`` (batches ``i`` with ``i % D == d``) and belongs
-to block group ``g``; the ``D`` actors of a group form a gloo (nccl on whole GPUs) process
+to block group ``g`` (bundle ``d`` of the group's placement group, PACKed on one node when it
+fits: :mod:`.placement`); the ``D`` actors of a group form a gloo (nccl on whole GPUs) process
 group and run the *same* ``hawq`` solver code in lockstep, the operator's ``allreduce`` hook
 summing each HVP across shards. Sample weighting makes the sharded operator exactly the
 single-process one (up to the summation order).
@@ -34,8 +35,8 @@ GPU use (``gpus_per_actor > 0``: device ``cuda``, nccl for whole GPUs) is untest
 from __future__ import annotations
 
 import logging
-import os
 import pickle
+import shutil
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -44,14 +45,16 @@ from typing import Any
 
 import pyarrow as pa
 import ray
+from ray.util.placement_group import PlacementGroup, remove_placement_group
 
 from hawq.hessian.table import eigen_row, resumed_row, sensitivity_table, trace_columns
 from hawq.optional import progress_bar
 from pipeline.atomic import pause_point
-from pipeline.backends.base import HessianJob, RowCallback
+from pipeline.backends.base import HessianJob, ProbeCallback, Probes, RowCallback
 from pipeline.backends.ray import default_auth_mode
 from pipeline.backends.ray.actors import FATAL_ERRORS, HessianWorker
-from pipeline.backends.ray.config import RayBackendConfig
+from pipeline.backends.ray.config import RayBackendConfig, available_cpus, private_temp_dir
+from pipeline.backends.ray.placement import actor_options, group_placements
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +101,8 @@ class RayBackend:
         self.actors: list[list[ray.actor.ActorHandle]] = []
         self.stats: dict[str, Any] = {}
         self._owns_ray = False
+        self._temp_dir: str | None = None
+        self._placement_groups: list[PlacementGroup] = []
         self.placement: dict[tuple[int, int], dict] = {}
         self._gens = [0] * self.config.block_groups
         self._inflight: dict[int, _Call] = {}
@@ -113,14 +118,16 @@ class RayBackend:
             return
         if cfg.address is None:
             default_auth_mode()
+            self._temp_dir = cfg.temp_dir or private_temp_dir()
             ray.init(
                 address="local",
-                num_cpus=(os.cpu_count() or 1) if cfg.num_cpus is None else cfg.num_cpus,
+                num_cpus=available_cpus() if cfg.num_cpus is None else cfg.num_cpus,
                 num_gpus=cfg.num_gpus,
                 object_store_memory=None
                 if cfg.object_store_mb is None
                 else int(cfg.object_store_mb * 2**20),
                 include_dashboard=False,
+                _temp_dir=self._temp_dir,
             )
         else:
             ray.init(address=cfg.address)
@@ -137,16 +144,16 @@ class RayBackend:
                     f"the cluster has {total.get(res, 0.0):g}"
                 )
         budget = None if cfg.memory_budget_mb is None else int(cfg.memory_budget_mb * 2**20)
-        cls = ray.remote(HessianWorker).options(
-            num_cpus=cfg.cpus_per_actor,
-            num_gpus=cfg.gpus_per_actor,
-            max_restarts=cfg.max_actor_restarts,
-            scheduling_strategy="SPREAD" if cfg.spread else "DEFAULT",
-        )
+        self._placement_groups = groups = group_placements(cfg)
+        cls = ray.remote(HessianWorker)
+
+        def actor(g: int, d: int) -> Any:
+            return cls.options(**actor_options(cfg, groups[g], d))
+
         device = "cuda" if cfg.gpus_per_actor > 0 else "cpu"
         self.actors = [
             [
-                cls.remote(
+                actor(g, d).remote(
                     g,
                     d,
                     cfg.data_shards,
@@ -337,6 +344,8 @@ class RayBackend:
         if call.kind == "probe":
             self._samples[call.key] = first
             self.stats["probes_computed"] += 1
+            if self._on_probe is not None:
+                self._on_probe(call.key, dict(first))
             self._emit("probe", group=call.group, kind="probe", key=call.key)
             return
         if call.basis is not None:
@@ -372,9 +381,12 @@ class RayBackend:
         *,
         done: Mapping[str, dict] | None = None,
         on_row: RowCallback | None = None,
+        probes: Probes | None = None,
+        on_probe: ProbeCallback | None = None,
         progress: bool = True,
     ) -> pa.Table:
-        """The sensitivity table of ``job``; blocks in ``done`` are reused, not recomputed."""
+        """The sensitivity table of ``job``; blocks in ``done`` and probes in ``probes`` are
+        reused, not recomputed."""
         cfg, hcfg = self.config, job.config
         if len(job.batches) < cfg.data_shards:
             raise ValueError(
@@ -412,9 +424,13 @@ class RayBackend:
         t1 = time.perf_counter()
         self._inflight = {}
         self._blocks_todo = deque((b.name, 0) for b in todo)
-        self._probes_todo = deque((p, 0) for p in range(hcfg.trace_max_probes if hcfg.trace else 0))
+        reused = {int(p): dict(v) for p, v in (probes or {}).items()}
+        n_probes = hcfg.trace_max_probes if hcfg.trace else 0
+        self._probes_todo = deque((p, 0) for p in range(n_probes) if p not in reused)
         self._probe_waiting = 0
-        self._samples: dict[int, dict[str, float]] = {}
+        self._samples: dict[int, dict[str, float]] = reused
+        self._on_probe = on_probe
+        self.stats["probes_skipped"] = len(reused)
         self._rows, self._on_row = rows, on_row
         self._bar = progress_bar(total=len(blocks), initial=len(rows), desc="block eigenvalues",
                                  unit="block", disable=not progress)  # fmt: skip
@@ -459,7 +475,12 @@ class RayBackend:
             for row in self.actors:
                 for actor in row:
                     ray.kill(actor, no_restart=True)
-        self.actors, self.placement = [], {}
+            for pg in self._placement_groups:
+                remove_placement_group(pg)
+        self.actors, self.placement, self._placement_groups = [], {}, []
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
+            if self._temp_dir is not None:  # this job's own session dir
+                shutil.rmtree(self._temp_dir, ignore_errors=True)
         self._owns_ray = False
+        self._temp_dir = None

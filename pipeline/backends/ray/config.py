@@ -3,8 +3,33 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
+
+PLACEMENTS = ("pack", "spread")
+NETWORK_ENV = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "TP_SOCKET_IFNAME")
+"""Network-interface variables the driver forwards to every actor (``runtime_env``)."""
+
+
+def available_cpus(env: Any = None) -> int:
+    """CPUs this process may use: its CPU affinity, capped by ``SLURM_CPUS_ON_NODE``."""
+    env = os.environ if env is None else env
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cpus = os.cpu_count() or 1
+    slurm = str(env.get("SLURM_CPUS_ON_NODE") or "")
+    if slurm.isdigit() and int(slurm) > 0:
+        cpus = min(cpus, int(slurm))
+    return max(1, cpus)
+
+
+def private_temp_dir(env: Any = None) -> str | None:
+    """The session dir of a private Ray inside a Slurm job (short: Unix sockets cap at 107)."""
+    env = os.environ if env is None else env
+    job = env.get("SLURM_JOB_ID")
+    return f"/tmp/hawq-ray-{job}-private" if job else None
 
 
 def _check_number(name: str, value: Any, *, low: float, integer: bool = False) -> None:
@@ -27,6 +52,13 @@ class RayBackendConfig:
     torch_threads: intra-op threads per actor (default ``max(1, int(cpus_per_actor))``).
     collective_timeout_s: gloo/nccl timeout, so a group with a dead member never hangs.
     max_retries: attempts per work item beyond the first before the run fails.
+    placement: each block group is one placement group of ``D`` bundles; ``"pack"`` keeps a
+        group's all-reduce on one node when it fits, ``"spread"`` puts its shards on
+        different nodes when it can (more memory per shard).
+    num_cpus: CPUs of a private Ray (default: this process's CPU affinity, capped by the
+        Slurm allocation, see :func:`available_cpus`).
+    temp_dir: a private Ray's session dir (default: ``/tmp/hawq-ray-<job>-private`` inside a
+        Slurm job, so jobs sharing a node never share one; Ray's default otherwise).
     """
 
     address: str | None = None
@@ -40,10 +72,11 @@ class RayBackendConfig:
     torch_threads: int | None = None
     collective_timeout_s: float = 300.0
     start_timeout_s: float = 300.0
-    spread: bool = True
+    placement: str = "pack"
     num_cpus: int | None = None
     num_gpus: int | None = None
     object_store_mb: float | None = None
+    temp_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.address is not None and (not isinstance(self.address, str) or not self.address):
@@ -60,8 +93,8 @@ class RayBackendConfig:
             _check_number("torch_threads", self.torch_threads, low=1, integer=True)
         _check_number("collective_timeout_s", self.collective_timeout_s, low=1)
         _check_number("start_timeout_s", self.start_timeout_s, low=1)
-        if not isinstance(self.spread, bool):
-            raise ValueError(f"spread must be a bool, got {self.spread!r}")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement must be 'pack' or 'spread', got {self.placement!r}")
         for name in ("num_cpus", "num_gpus"):
             if getattr(self, name) is not None:
                 _check_number(name, getattr(self, name), low=0, integer=True)
