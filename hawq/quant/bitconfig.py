@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from hawq.quant.primitives import CLIP_KEYS
 from hawq.validation import check_bits, check_clip_bits, check_number, check_percentile
 
 REGEX_PREFIX = "re:"
@@ -140,11 +141,7 @@ class BitConfig:
     @property
     def clip_options(self) -> dict[str, Any]:
         """The weight-clipping keyword arguments of ``hawq.quant.primitives.quantize_weight``."""
-        return {
-            "percentile": self.percentile,
-            "clip_bits": self.clip_bits,
-            "mse_clip": self.mse_clip,
-        }
+        return {k: getattr(self, k) for k in CLIP_KEYS}
 
     @property
     def default(self) -> LayerBits:

@@ -22,6 +22,7 @@ from torch import nn
 
 from hawq.quant.bitconfig import BitConfig, LayerBits
 from hawq.quant.primitives import (
+    CLIP_KEYS,
     act_qparams,
     ema_update,
     quantize_act,
@@ -130,11 +131,7 @@ class _QuantMixin:
     @property
     def clip_options(self) -> dict[str, Any]:
         """Weight-clipping keyword arguments of ``quantize_weight`` (as in ``BitConfig``)."""
-        return {
-            "percentile": self.percentile,
-            "clip_bits": self.clip_bits,
-            "mse_clip": self.mse_clip,
-        }
+        return {k: getattr(self, k) for k in CLIP_KEYS}
 
     def quantized_weight(self) -> torch.Tensor:
         """``quantize_weight`` of the weight; without autograd (evaluation) the result is

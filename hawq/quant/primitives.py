@@ -37,8 +37,11 @@ from hawq.validation import (
 # Clip ratios searched by ``mse_clip_ratios``: 1.00, 0.99, ..., 0.30 (descending: ties keep
 # the largest ratio, so a channel that clipping cannot help stays max-scaled).
 MSE_CLIP_GRID: tuple[float, ...] = tuple(k / 100 for k in range(100, 29, -1))
+# The weight-clipping keyword arguments of ``quantize_weight`` / ``weight_scale``.
+CLIP_KEYS = ("percentile", "clip_bits", "mse_clip")
 
 __all__ = [
+    "CLIP_KEYS",
     "MSE_CLIP_GRID",
     "act_qparams",
     "clip_range",
