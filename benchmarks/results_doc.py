@@ -40,6 +40,9 @@ SIZE_TEXT = (
 )
 
 
+SAME_SIZE = 0.02  # allocations within 2% of the HAWQ-ILP size count as the same size
+
+
 def pct(x: float) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}"
 
@@ -73,38 +76,45 @@ def ptq_stats(res: dict) -> dict:
     by = {r["name"]: r for r in rows}
     sens0 = res["alloc"]["sensitivity"]
     out = {"pairs": [], "spearman": {}}
+    ref = by.get(f"hawq-ilp-{sens0}") or rows[0]
+    alloc_rows = [r for r in rows if r["kind"] != "uniform"]
+    dev = {r["name"]: r["size_mb"] / ref["size_mb"] - 1 for r in alloc_rows}
+    same = [r for r in alloc_rows if abs(dev[r["name"]]) <= SAME_SIZE]
+    ok = {r["name"] for r in same}
+    out["same_size"] = len(same)
+    out["off_size"] = sorted((n, d) for n, d in dev.items() if abs(d) > SAME_SIZE)
     for solver in ("v1", "ilp"):
-        rand = [vec(r["correct"]) for r in rows if r["kind"] == "random" and r["solver"] == solver]
+        rand = [vec(r["correct"]) for r in same if r["kind"] == "random" and r["solver"] == solver]
         for sens in ("eigenvalue", "trace"):
             h = by.get(f"hawq-{solver}-{sens}")
             a = by.get(f"anti-{solver}-{sens}")
-            if h is None or a is None:
+            if h is None or h["name"] not in ok:
                 continue
-            hc, ac = vec(h["correct"]), vec(a["correct"])
-            n10, n01, p = mcnemar(hc, ac)
-            out["pairs"].append(
-                (
-                    f"{solver}, {sens}",
-                    "anti",
-                    paired_bootstrap(hc - ac),
-                    f"{n10}/{n01}, p = {p:.3g}",
+            hc = vec(h["correct"])
+            if a is not None and a["name"] in ok:
+                ac = vec(a["correct"])
+                n10, n01, p = mcnemar(hc, ac)
+                out["pairs"].append(
+                    (
+                        f"{solver}, {sens}",
+                        "anti",
+                        paired_bootstrap(hc - ac),
+                        f"{n10}/{n01}, p = {p:.3g}",
+                    )
                 )
-            )
             if rand and sens == sens0:
                 d = hc - np.mean(rand, axis=0)
                 out["pairs"].append(
                     (f"{solver}, {sens}", f"mean of {len(rand)} random", paired_bootstrap(d), "-")
                 )
-    ref = by.get(f"hawq-ilp-{sens0}") or rows[0]
-    alloc_rows = [r for r in rows if r["kind"] != "uniform"]
-    dev = {r["name"]: abs(r["size_mb"] / ref["size_mb"] - 1) for r in alloc_rows}
-    same = [r for r in alloc_rows if dev[r["name"]] <= 0.02]  # the same size: within 2%
-    out["same_size"] = len(same)
-    out["off_size"] = sorted((n, d) for n, d in dev.items() if d > 0.02)
+    # random ranks often give the same bits: also over distinct bit assignments only
+    distinct = list({json.dumps(r["bits"], sort_keys=True): r for r in same}.values())
+    out["spearman_distinct"] = {}
     for key in ("omega_eigenvalue", "omega_trace"):
-        if len(same) >= 3:
-            rho, p = spearman([r[key] for r in same], [r["acc"] for r in same])
-            out["spearman"][key] = (rho, p, len(same))
+        for rs, dest in ((same, out["spearman"]), (distinct, out["spearman_distinct"])):
+            if len(rs) >= 3:
+                rho, p = spearman([r[key] for r in rs], [r["acc"] for r in rs])
+                dest[key] = (rho, p, len(rs))
     return out
 
 
@@ -143,11 +153,15 @@ def ptq_md(res: dict, st: dict) -> list[str]:
         )
     )
     off = ", ".join(f"{n} ({100 * d:+.1f}%)" for n, d in st["off_size"]) or "none"
+    t = res["experiment"].get("size_tolerance")
+    tol = "B, B: no lower bound" if t is None else f"{1 - t:.3g} B, B"
     out += [
         "",
-        f"{st['same_size']} allocations lie within 2% of the HAWQ-ILP size; outside it "
-        f"(not the same size, excluded from the rank correlation): {off}. The v1 rule only "
-        "fills the budget when the sensitivity order allows it.",
+        f"{st['same_size']} allocations lie within 2% of the HAWQ-ILP size (every solver "
+        f"is asked for weight bits in [{tol}] of the target's budget B, "
+        "`size_tolerance`); outside it (the v1 rule's monotone sequences reach no size in "
+        "that window; not the same size, excluded from the rank correlation and the paired "
+        f"comparisons): {off}.",
         "",
     ]
     out += [
@@ -168,6 +182,11 @@ def ptq_md(res: dict, st: dict) -> list[str]:
             f"- Spearman(total {key.split('_')[1]} Omega, PTQ accuracy) over {n} "
             f"same-size allocations: rho = {rho:.3f} (p = {p:.2g})."
         )
+        if key in st["spearman_distinct"]:
+            rho, p, n = st["spearman_distinct"][key]
+            out[-1] += (
+                f" Over the {n} distinct bit assignments among them: rho = {rho:.3f} (p = {p:.2g})."
+            )
     return out
 
 
@@ -213,16 +232,34 @@ def qat_md(res: dict) -> tuple[list[str], list]:
         )
     )
     pairs = []
+    bits = {r["name"]: r["bits"] for r in runs}
     hawq = next((n for n in complete if n.startswith("hawq")), None)
     if hawq is not None:
         hm = _seed_matrix(runs, hawq, seeds)
+        twins = sorted(n for n in names if n != hawq and bits[n] == bits[hawq])
         anti = next((n for n in complete if n.startswith("anti")), None)
         if anti is not None:
-            pairs.append(("anti", paired_bootstrap(hm - _seed_matrix(runs, anti, seeds))))
+            label = "anti" + (" (the same bits as HAWQ)" if anti in twins else "")
+            pairs.append((label, paired_bootstrap(hm - _seed_matrix(runs, anti, seeds))))
         rand = [n for n in complete if n.startswith("random")]
         if rand:
+            same = sum(n in twins for n in rand)
+            label = f"mean of {len(rand)} random" + (
+                f" ({same} with the same bits as HAWQ)" if same else ""
+            )
             rm = np.mean([_seed_matrix(runs, n, seeds) for n in rand], axis=0)
-            pairs.append((f"mean of {len(rand)} random", paired_bootstrap(hm - rm)))
+            pairs.append((label, paired_bootstrap(hm - rm)))
+        n_distinct = len({json.dumps(b, sort_keys=True) for b in bits.values()})
+        out += [
+            "",
+            f"{n_distinct} distinct bit assignment(s) among these {len(names)} allocations"
+            + (
+                f"; {', '.join(twins)} got exactly HAWQ's bits, so their difference from "
+                "HAWQ is zero by construction (at this size the solver has almost no choice)."
+                if twins
+                else "."
+            ),
+        ]
     out += [
         "",
         "HAWQ minus the comparison, paired by seed and test image (two-way bootstrap: "
@@ -313,9 +350,10 @@ def acceptance(res: dict, st: dict | None, qat_pairs: list) -> list[str]:
             out.append(f"  - PTQ HAWQ ({where}) vs {vs}: {fmt_paired(r)}: {verdict(r)}.")
         for key, (rho, _, n) in st["spearman"].items():
             ok = "meets" if rho <= -0.5 else "MISSES"
+            d_rho, _, d_n = st["spearman_distinct"].get(key, (math.nan, 0, 0))
             out.append(
-                f"  - Spearman({key}, PTQ acc) = {rho:.3f} over {n} allocations "
-                f"(target <= -0.5: {ok})."
+                f"  - Spearman({key}, PTQ acc) = {rho:.3f} over {n} same-size allocations "
+                f"(target <= -0.5: {ok}); {d_rho:.3f} over the {d_n} distinct ones."
             )
     for vs, r in qat_pairs:
         out.append(f"  - QAT HAWQ vs {vs}: {fmt_paired(r)}: {verdict(r)}.")
@@ -323,8 +361,9 @@ def acceptance(res: dict, st: dict | None, qat_pairs: list) -> list[str]:
         hs = [r["acc"] for r in res["qat"]["runs"] if r["kind"] == "hawq"]
         if hs:
             m, hw = mean_ci(hs)
+            wc = next(r for r in res["qat"]["runs"] if r["kind"] == "hawq")["weight_compression"]
             out.append(
-                f"  - QAT HAWQ: {pct(m)} +- {pct(hw)}% over {len(hs)} seeds, "
+                f"  - QAT HAWQ at {wc:.2f}x: {pct(m)} +- {pct(hw)}% over {len(hs)} seeds, "
                 f"{100 * (fp - m):.2f} points under float (target 3.0: "
                 f"{'meets' if fp - m <= 0.03 else 'MISSES'})."
             )

@@ -4,14 +4,17 @@ Blocks i = 1..n with n_i quantized weights choose a weight bit width b_i; tied b
 one unit, a pinned unit has one allowed width. With Omega_i(b) from ``hawq.omega``::
 
     minimise   sum_i Omega_i(b_i)
-    subject to sum_i n_i b_i <= budget                 (weight bits; from a size limit)
+    subject to floor <= sum_i n_i b_i <= budget        (weight bits; from a size limit)
                sum_i MACs_i * b_i * a <= BOPs limit    (a: activation bits; optional)
 
 ``solve_ilp``: binary x_{u,b}, one width per unit, solved exactly by CBC (PuLP).
 ``solve_v1`` (HAWQ v1): free units sorted by S descending get non-increasing widths; the
 C(m+k-1, k-1) monotone sequences are enumerated through prefix sums (beyond
 ``MAX_ENUMERATION`` the same restricted problem goes to the ILP with order constraints).
-``check_feasible`` turns the limits into the weight-bit budget and raises
+The optional ``floor`` = ceil((1 - size_tolerance) budget) makes every method land at the
+target size from below (same-size comparisons of allocations); ``InfeasibleAllocation`` when
+no allowed assignment lies in [floor, budget]. ``check_feasible`` turns the limits into the
+weight-bit budget and raises
 ``InfeasibleAllocation`` (with the smallest feasible size) when they are too low; ``solve`` and
 ``pareto_frontier`` check once, then run the solvers. Private to allocation: import the public
 names from ``hawq.allocate``.
@@ -125,8 +128,10 @@ def check_feasible(
     size_limit_mb: float | None = None,
     compression: float | None = None,
     bops_limit: float | None = None,
+    size_tolerance: float | None = None,
 ) -> int | None:
-    """The weight-bit budget of the limits; ``InfeasibleAllocation`` if no assignment meets them.
+    """The weight-bit budget of the limits; ``InfeasibleAllocation`` if no assignment meets them
+    (with ``size_tolerance``: also if even the largest assignment is under the floor).
 
     The error states the smallest feasible size (and BOPs) and the fix. All units at their
     lowest allowed bits minimise both size and BOPs, so that point is feasible iff any
@@ -162,7 +167,39 @@ def check_feasible(
             f"{min_bops:.6g}, lower act_bits, or {fix}.",
             **common,
         )
+    floor = weight_bit_floor(budget, size_tolerance)
+    if floor is not None and problem.weight_bits(problem.max_bits()) < floor:
+        big = problem.size_mb(problem.max_bits())
+        raise InfeasibleAllocation(
+            f"size_tolerance {size_tolerance}: even the largest model these settings allow "
+            f"({big:.6g} MB) is more than {size_tolerance:.1%} under the size limit; raise "
+            f"the compression, lower the size limit, or drop size_tolerance.",
+            **common,
+        )
     return budget
+
+
+def weight_bit_floor(budget: int | None, size_tolerance: float | None) -> int | None:
+    """ceil((1 - size_tolerance) budget): the fewest weight bits an allocation may use."""
+    if size_tolerance is None:
+        return None
+    if budget is None:
+        raise ValueError("size_tolerance needs a size limit (size_limit_mb or compression)")
+    return math.ceil(budget * (1 - size_tolerance) * (1 - 1e-12))
+
+
+def _no_point_in_window(
+    problem: Problem, floor: int, budget: int, how: str
+) -> InfeasibleAllocation:
+    lo, hi = ((problem.fixed_bytes + w / 8) / BYTES_PER_MB for w in (floor, budget))
+    low = problem.min_bits()
+    return InfeasibleAllocation(
+        f"{how}: no allowed assignment has a size in [{lo:.6g}, {hi:.6g}] MB ({floor}.."
+        f"{budget} weight bits); raise size_tolerance or change the size limit.",
+        min_size_mb=problem.size_mb(low),
+        max_compression=problem.compression(low),
+        min_bops=problem.bops(low) or 0.0,
+    )
 
 
 def _unit_arrays(problem: Problem) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -192,7 +229,9 @@ def _cbc(
     budget: int | None,
     bops_limit: float | None,
     monotone: Sequence[int],
-) -> np.ndarray:
+    floor: int | None = None,
+) -> np.ndarray | None:
+    """CBC's optimum; None if the constraints are infeasible."""
     cost, wbits, bops = _unit_arrays(problem)
     scale = float(cost.max()) or 1.0
     lp = pulp.LpProblem("hawq_bits", pulp.LpMinimize)
@@ -205,8 +244,11 @@ def _cbc(
     lp += pulp.lpSum(cost[u, col[b]] / scale * v for (u, b), v in x.items())
     for u, allowed in enumerate(problem.unit_bits):
         lp += pulp.lpSum(x[u, b] for b in allowed) == 1
+    used = pulp.lpSum(int(wbits[u, col[b]]) * v for (u, b), v in x.items())
     if budget is not None:
-        lp += pulp.lpSum(int(wbits[u, col[b]]) * v for (u, b), v in x.items()) <= budget
+        lp += used <= budget
+    if floor is not None:
+        lp += used >= floor
     if bops_limit is not None:
         lp += pulp.lpSum(bops[u, col[b]] / bops_limit * v for (u, b), v in x.items()) <= 1
     for u, v in itertools.pairwise(monotone):
@@ -217,6 +259,8 @@ def _cbc(
         warnings.filterwarnings("ignore", "PULP_CBC_CMD is deprecated", DeprecationWarning)
         solver = pulp.PULP_CBC_CMD(msg=False, gapRel=0.0)
     status = lp.solve(solver)
+    if pulp.LpStatus[status] == "Infeasible":
+        return None
     if pulp.LpStatus[status] != "Optimal":
         raise RuntimeError(f"CBC did not find an optimal allocation: {pulp.LpStatus[status]}")
     choice = [
@@ -232,23 +276,33 @@ def solve_ilp(
     bops_limit: float | None = None,
     *,
     monotone: Sequence[int] = (),
+    floor: int | None = None,
 ) -> np.ndarray:
     """Exact minimiser of total Omega under the limits (CBC); bits per block.
 
-    ``monotone`` lists units whose widths must be non-increasing in that sequence. CBC's
-    feasibility tolerance may admit a point a hair over a limit; the limit is then
-    tightened by the excess and the problem solved again. The limits must be feasible
-    (``check_feasible``).
+    ``monotone`` lists units whose widths must be non-increasing in that sequence; ``floor``
+    is the fewest weight bits allowed. CBC's feasibility tolerance may admit a point a hair
+    over a limit; the limit is then tightened by the excess and the problem solved again.
+    The limits must be feasible (``check_feasible``); an empty [floor, budget] window raises
+    ``InfeasibleAllocation``.
     """
-    b_eff, o_eff = budget, bops_limit
+    b_eff, o_eff, f_eff = budget, bops_limit, floor
     for _ in range(4):
-        out = _cbc(problem, b_eff, o_eff, monotone)
-        ok_size = budget is None or problem.weight_bits(out) <= budget
+        out = _cbc(problem, b_eff, o_eff, monotone, f_eff)
+        if out is None and floor is None:
+            raise RuntimeError("CBC found the allocation problem infeasible")
+        if out is None:
+            raise _no_point_in_window(problem, floor, budget, "ilp")
+        used = problem.weight_bits(out)
+        ok_size = budget is None or used <= budget
+        ok_floor = floor is None or used >= floor
         ok_bops = bops_limit is None or problem.bops(out) <= bops_limit * (1 + BOPS_RTOL)
-        if ok_size and ok_bops:
+        if ok_size and ok_bops and ok_floor:
             return out
         if not ok_size:
-            b_eff -= problem.weight_bits(out) - budget
+            b_eff -= used - budget
+        if not ok_floor:
+            f_eff += floor - used
         if not ok_bops:
             o_eff -= problem.bops(out) - bops_limit
         logger.debug("CBC point over the limits; re-solving with tighter limits")
@@ -266,10 +320,17 @@ def v1_order(problem: Problem) -> list[int]:
     return sorted(free, key=lambda u: -key[u])
 
 
-def solve_v1(problem: Problem, budget: int | None, bops_limit: float | None = None) -> np.ndarray:
+def solve_v1(
+    problem: Problem,
+    budget: int | None,
+    bops_limit: float | None = None,
+    *,
+    floor: int | None = None,
+) -> np.ndarray:
     """HAWQ v1: the least-Omega assignment whose bits are non-increasing in S; bits per block.
 
-    The limits must be feasible (``check_feasible``).
+    The limits must be feasible (``check_feasible``); with ``floor``, only sequences with at
+    least that many weight bits count (``InfeasibleAllocation`` if there is none).
     """
     order = v1_order(problem)
     cand = sorted({b for u in order for b in problem.unit_bits[u]}, reverse=True)
@@ -277,11 +338,14 @@ def solve_v1(problem: Problem, budget: int | None, bops_limit: float | None = No
     n_seq = math.comb(m + k - 1, k - 1) if m else 1
     if n_seq > MAX_ENUMERATION:
         logger.info("v1: %d monotone sequences; solving the restricted ILP instead", n_seq)
-        return solve_ilp(problem, budget, bops_limit, monotone=order)
+        return solve_ilp(problem, budget, bops_limit, monotone=order, floor=floor)
     cost, wbits, bops = _unit_arrays(problem)
     choice = [b[0] if len(b) == 1 else 0 for b in problem.unit_bits]
     if m == 0:
-        return expand_units(problem, choice)
+        out = expand_units(problem, choice)
+        if floor is not None and problem.weight_bits(out) < floor:
+            raise _no_point_in_window(problem, floor, budget or 0, "v1")
+        return out
     cols = [problem.bits.index(b) for b in cand]
     fixed = [u for u in range(len(problem.units)) if u not in set(order)]
     fcol = [problem.bits.index(choice[u]) for u in fixed]
@@ -305,6 +369,10 @@ def solve_v1(problem: Problem, budget: int | None, bops_limit: float | None = No
         ok &= tw <= budget
     if bops_limit is not None:
         ok &= tb <= bops_limit * (1 + BOPS_RTOL)
+    if floor is not None:
+        ok &= tw >= floor
+        if not ok.any():
+            raise _no_point_in_window(problem, floor, budget or 0, "v1")
     best = np.flatnonzero(ok)[np.lexsort((tw[ok], tc[ok]))[0]]
     for j in range(k):
         for u in order[bounds[best, j] : bounds[best, j + 1]]:
@@ -319,16 +387,22 @@ def solve(
     size_limit_mb: float | None = None,
     compression: float | None = None,
     bops_limit: float | None = None,
+    size_tolerance: float | None = None,
 ) -> np.ndarray:
-    """Bits per block by ``method`` ("v1" or "ilp") under the given limits (checked first)."""
+    """Bits per block by ``method`` ("v1" or "ilp") under the given limits (checked first);
+    with ``size_tolerance`` t the weight bits lie in [ceil((1 - t) budget), budget]."""
     solver = _solver(method)
     budget = check_feasible(
-        problem, size_limit_mb=size_limit_mb, compression=compression, bops_limit=bops_limit
+        problem,
+        size_limit_mb=size_limit_mb,
+        compression=compression,
+        bops_limit=bops_limit,
+        size_tolerance=size_tolerance,
     )
-    return solver(problem, budget, bops_limit)
+    return solver(problem, budget, bops_limit, floor=weight_bit_floor(budget, size_tolerance))
 
 
-def _solver(method: str) -> Callable[[Problem, int | None, float | None], np.ndarray]:
+def _solver(method: str) -> Callable[..., np.ndarray]:
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     return solve_ilp if method == "ilp" else solve_v1
