@@ -13,11 +13,9 @@ C(m+k-1, k-1) monotone sequences are enumerated through prefix sums (beyond
 ``MAX_ENUMERATION`` the same restricted problem goes to the ILP with order constraints).
 The optional ``floor`` = ceil((1 - size_tolerance) budget) makes every method land at the
 target size from below (same-size comparisons of allocations); ``InfeasibleAllocation`` when
-no allowed assignment lies in [floor, budget]. ``check_feasible`` turns the limits into the
-weight-bit budget and raises
-``InfeasibleAllocation`` (with the smallest feasible size) when they are too low; ``solve`` and
-``pareto_frontier`` check once, then run the solvers. Private to allocation: import the public
-names from ``hawq.allocate``.
+no allowed assignment lies in [floor, budget]. ``Problem`` and the limit checks live in
+``hawq.bit_problem``; ``solve`` and ``pareto_frontier`` check the limits once, then run the
+solvers. Private to allocation: import the public names from ``hawq.allocate``.
 """
 
 from __future__ import annotations
@@ -28,178 +26,41 @@ import logging
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import pulp
 import pyarrow as pa
 
-from hawq.omega import BlockRecord
-from hawq.size import MB
+from hawq.bit_problem import (
+    BOPS_RTOL,
+    InfeasibleAllocation,
+    Problem,
+    check_feasible,
+    expand_units,
+    no_point_in_window,
+    weight_bit_budget,
+    weight_bit_floor,
+)
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("v1", "ilp")
 MAX_ENUMERATION = 1_000_000
-BOPS_RTOL = 1e-9
-BYTES_PER_MB = MB
-
-
-class InfeasibleAllocation(ValueError):
-    """No assignment meets the limits; ``min_size_mb``/``max_compression``/``min_bops`` tell
-    the smallest achievable values (all blocks at their lowest allowed bits)."""
-
-    def __init__(self, msg: str, *, min_size_mb: float, max_compression: float, min_bops: float):
-        super().__init__(msg)
-        self.min_size_mb = min_size_mb
-        self.max_compression = max_compression
-        self.min_bops = min_bops
-
-
-@dataclass(frozen=True, kw_only=True)
-class Problem:
-    """The numbers an allocation needs; ``omega[i, j]`` is block i at ``bits[j]``.
-
-    ``units`` partitions block indices into tie groups; ``unit_bits`` lists each unit's
-    allowed bit widths (one for a pinned unit).
-    """
-
-    records: tuple[BlockRecord, ...]
-    bits: tuple[int, ...]
-    omega: np.ndarray
-    n_weights: np.ndarray
-    macs: np.ndarray | None
-    fixed_bytes: float
-    act_bits: int
-    sensitivity: np.ndarray
-    units: tuple[tuple[int, ...], ...]
-    unit_bits: tuple[tuple[int, ...], ...]
-
-    @property
-    def blocks(self) -> list[str]:
-        return [r.block for r in self.records]
-
-    def weight_bits(self, bits: np.ndarray) -> int:
-        """sum_i n_i b_i."""
-        return int(np.dot(self.n_weights, np.asarray(bits, dtype=np.int64)))
-
-    def size_mb(self, bits: np.ndarray) -> float:
-        return (self.fixed_bytes + self.weight_bits(bits) / 8) / BYTES_PER_MB
-
-    def compression(self, bits: np.ndarray) -> float:
-        return 32 * int(self.n_weights.sum()) / self.weight_bits(bits)
-
-    def bops(self, bits: np.ndarray) -> float | None:
-        if self.macs is None:
-            return None
-        return float(np.dot(self.macs, np.asarray(bits, dtype=np.float64)) * self.act_bits)
-
-    def total_omega(self, bits: np.ndarray) -> float:
-        cols = [self.bits.index(int(b)) for b in bits]
-        return float(self.omega[np.arange(len(cols)), cols].sum())
-
-    def min_bits(self) -> np.ndarray:
-        """Every unit at its lowest allowed width (the smallest size and BOPs)."""
-        return expand_units(self, [min(b) for b in self.unit_bits])
-
-    def max_bits(self) -> np.ndarray:
-        """Every unit at its highest allowed width."""
-        return expand_units(self, [max(b) for b in self.unit_bits])
-
-
-def weight_bit_budget(
-    problem: Problem, *, size_limit_mb: float | None = None, compression: float | None = None
-) -> int | None:
-    """The limit on sum_i n_i b_i implied by a size limit (MB) or a compression ratio."""
-    if size_limit_mb is not None and compression is not None:
-        raise ValueError("give at most one of size_limit_mb and compression, not both")
-    if size_limit_mb is not None:
-        budget = (size_limit_mb * BYTES_PER_MB - problem.fixed_bytes) * 8
-    elif compression is not None:
-        budget = 32 * float(problem.n_weights.sum()) / compression
-    else:
-        return None
-    return math.floor(budget * (1 + 1e-12))
-
-
-def check_feasible(
-    problem: Problem,
-    *,
-    size_limit_mb: float | None = None,
-    compression: float | None = None,
-    bops_limit: float | None = None,
-    size_tolerance: float | None = None,
-) -> int | None:
-    """The weight-bit budget of the limits; ``InfeasibleAllocation`` if no assignment meets them
-    (with ``size_tolerance``: also if even the largest assignment is under the floor).
-
-    The error states the smallest feasible size (and BOPs) and the fix. All units at their
-    lowest allowed bits minimise both size and BOPs, so that point is feasible iff any
-    assignment is.
-    """
-    budget = weight_bit_budget(problem, size_limit_mb=size_limit_mb, compression=compression)
-    low = problem.min_bits()
-    min_mb, max_c, min_bops = problem.size_mb(low), problem.compression(low), problem.bops(low)
-    if bops_limit is not None and min_bops is None:
-        raise ValueError("bops_limit needs per-block MACs: pass example_input (or macs)")
-    pins = {
-        problem.records[u[0]].block: b[0]
-        for u, b in zip(problem.units, problem.unit_bits, strict=True)
-        if len(b) == 1
-    }
-    free = [min(b) for b in problem.unit_bits if len(b) > 1]
-    lowest = f"its lowest candidate bits ({min(free)})" if free else "its pinned bits"
-    how = f"with every block at {lowest} and pinned blocks {pins}"
-    fix = "add a smaller candidate bit width or remove pins"
-    common = dict(min_size_mb=min_mb, max_compression=max_c, min_bops=min_bops or 0.0)
-    if budget is not None and problem.weight_bits(low) > budget:
-        target = f"compression {compression}x" if size_limit_mb is None else f"{size_limit_mb} MB"
-        raise InfeasibleAllocation(
-            f"size limit {target} is infeasible: the smallest model these settings allow is "
-            f"{min_mb:.6g} MB (weight compression {max_c:.4g}x) {how}. Raise size_limit_mb to "
-            f">= {min_mb:.6g} (or lower compression to <= {max_c:.4g}), or {fix}.",
-            **common,
-        )
-    if bops_limit is not None and min_bops > bops_limit * (1 + BOPS_RTOL):
-        raise InfeasibleAllocation(
-            f"bops_limit {bops_limit:.6g} is infeasible: the fewest BOPs these settings allow "
-            f"is {min_bops:.6g} {how} (size {min_mb:.6g} MB). Raise bops_limit to >= "
-            f"{min_bops:.6g}, lower act_bits, or {fix}.",
-            **common,
-        )
-    floor = weight_bit_floor(budget, size_tolerance)
-    if floor is not None and problem.weight_bits(problem.max_bits()) < floor:
-        big = problem.size_mb(problem.max_bits())
-        raise InfeasibleAllocation(
-            f"size_tolerance {size_tolerance}: even the largest model these settings allow "
-            f"({big:.6g} MB) is more than {size_tolerance:.1%} under the size limit; raise "
-            f"the compression, lower the size limit, or drop size_tolerance.",
-            **common,
-        )
-    return budget
-
-
-def weight_bit_floor(budget: int | None, size_tolerance: float | None) -> int | None:
-    """ceil((1 - size_tolerance) budget): the fewest weight bits an allocation may use."""
-    if size_tolerance is None:
-        return None
-    if budget is None:
-        raise ValueError("size_tolerance needs a size limit (size_limit_mb or compression)")
-    return math.ceil(budget * (1 - size_tolerance) * (1 - 1e-12))
-
-
-def _no_point_in_window(
-    problem: Problem, floor: int, budget: int, how: str
-) -> InfeasibleAllocation:
-    lo, hi = ((problem.fixed_bytes + w / 8) / BYTES_PER_MB for w in (floor, budget))
-    low = problem.min_bits()
-    return InfeasibleAllocation(
-        f"{how}: no allowed assignment has a size in [{lo:.6g}, {hi:.6g}] MB ({floor}.."
-        f"{budget} weight bits); raise size_tolerance or change the size limit.",
-        min_size_mb=problem.size_mb(low),
-        max_compression=problem.compression(low),
-        min_bops=problem.bops(low) or 0.0,
-    )
+__all__ = [
+    "METHODS",
+    "PARETO_SCHEMA",
+    "InfeasibleAllocation",
+    "Problem",
+    "check_feasible",
+    "expand_units",
+    "pareto_frontier",
+    "solve",
+    "solve_ilp",
+    "solve_v1",
+    "v1_order",
+    "weight_bit_budget",
+    "weight_bit_floor",
+]
 
 
 def _unit_arrays(problem: Problem) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -214,14 +75,6 @@ def _unit_arrays(problem: Problem) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if problem.macs is not None:
             bops[u] = problem.macs[m].sum() * bits * problem.act_bits
     return cost, wbits, bops
-
-
-def expand_units(problem: Problem, unit_choice: Sequence[int]) -> np.ndarray:
-    """Bits per block from one width per unit."""
-    out = np.zeros(len(problem.records), dtype=np.int64)
-    for members, b in zip(problem.units, unit_choice, strict=True):
-        out[list(members)] = b
-    return out
 
 
 def _cbc(
@@ -292,7 +145,7 @@ def solve_ilp(
         if out is None and floor is None:
             raise RuntimeError("CBC found the allocation problem infeasible")
         if out is None:
-            raise _no_point_in_window(problem, floor, budget, "ilp")
+            raise no_point_in_window(problem, floor, budget, "ilp")
         used = problem.weight_bits(out)
         ok_size = budget is None or used <= budget
         ok_floor = floor is None or used >= floor
@@ -344,7 +197,7 @@ def solve_v1(
     if m == 0:
         out = expand_units(problem, choice)
         if floor is not None and problem.weight_bits(out) < floor:
-            raise _no_point_in_window(problem, floor, budget or 0, "v1")
+            raise no_point_in_window(problem, floor, budget or 0, "v1")
         return out
     cols = [problem.bits.index(b) for b in cand]
     fixed = [u for u in range(len(problem.units)) if u not in set(order)]
@@ -372,7 +225,7 @@ def solve_v1(
     if floor is not None:
         ok &= tw >= floor
         if not ok.any():
-            raise _no_point_in_window(problem, floor, budget or 0, "v1")
+            raise no_point_in_window(problem, floor, budget or 0, "v1")
     best = np.flatnonzero(ok)[np.lexsort((tw[ok], tc[ok]))[0]]
     for j in range(k):
         for u in order[bounds[best, j] : bounds[best, j + 1]]:
