@@ -117,14 +117,21 @@ def load_eval_config(path: str | Path) -> EvalConfig:
     return cfg
 
 
+# Fields whose change keeps saved results valid: rows and runs are keyed by allocation name,
+# bits, seed and order, and the studies drop those no longer configured.
+RESUMABLE_FIELDS = frozenset(
+    {"title", "reduced", "ptq_random", "qat_random", "qat_seeds", "orders", "studies"}
+)
+
+
 def same_settings(saved: Mapping[str, Any], exp: Experiment) -> bool:
-    """Whether results saved with the Experiment fields ``saved`` belong to ``exp`` (a field
-    added since, at its default value, does not invalidate them)."""
+    """Whether results saved with the Experiment fields ``saved`` belong to ``exp``: equal
+    up to ``RESUMABLE_FIELDS`` (a field added since, at its default value, is equal too)."""
     now = json.loads(json.dumps(asdict(exp)))
     defaults = {f.name: f.default for f in fields(Experiment) if f.name not in saved}
     defaults = json.loads(json.dumps(defaults))  # only fields with plain defaults are new
     return set(saved) <= set(now) and all(
-        saved.get(k, defaults.get(k)) == v for k, v in now.items()
+        saved.get(k, defaults.get(k)) == v for k, v in now.items() if k not in RESUMABLE_FIELDS
     )
 
 

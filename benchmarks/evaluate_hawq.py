@@ -197,6 +197,8 @@ def study_ptq(s: Setup, res: dict) -> None:
     for b in (4, 2):
         todo.insert(2, (f"uniform-{b}", "uniform", "-", "-", uniform(s.problems[sens0], s.acfg, b)))
     rows = res.setdefault("ptq", {"rows": []})["rows"]
+    names = {t[0] for t in todo} | {"uniform-4-all-a4"}
+    rows[:] = [r for r in rows if r["name"] in names]  # e.g. fewer random allocations now
     for i, (name, kind, solver, sens, alloc) in enumerate(todo):
         if any(r["name"] == name and r["bits"] == alloc.bits for r in rows):
             continue  # done with these bits (a changed allocation rule recomputes the row)
@@ -299,19 +301,23 @@ def qat_run(s: Setup, alloc: Allocation, seed: int, mode: str) -> dict:
 
 
 def study_qat(s: Setup, res: dict) -> None:
-    """HAWQ, anti and random allocations of one solver, each with every seed."""
+    """HAWQ, anti and random allocations of one solver, each with every seed. A run is
+    deterministic in (bits, seed): an allocation with the bits of one already trained reuses
+    its result; runs of allocations or seeds no longer configured are dropped."""
     solver, sens = s.exp.qat_solver, s.acfg.sensitivity
     allocs = allocations(s, solver, sens, s.exp.qat_random, s.exp.qat_compression)
     res.setdefault("qat", {"solver": solver, "sensitivity": sens, "runs": []})
     runs = res["qat"]["runs"]
+    want = {name: alloc.bits for name, _, alloc in allocs}
+    runs[:] = [r for r in runs if want.get(r["name"]) == r["bits"] and r["seed"] in s.exp.qat_seeds]
     for name, kind, alloc in allocs:
-        runs[:] = [r for r in runs if r["name"] != name or r["bits"] == alloc.bits]
         done = {r["seed"] for r in runs if r["name"] == name}
         for seed in s.exp.qat_seeds:
             if seed in done:
                 continue
             t = time.perf_counter()
-            r = qat_run(s, alloc, seed, "descending")
+            twin = next((r for r in runs if r["bits"] == alloc.bits and r["seed"] == seed), None)
+            r = dict(twin) if twin is not None else qat_run(s, alloc, seed, "descending")
             r |= {
                 "name": name,
                 "kind": kind,
@@ -319,8 +325,10 @@ def study_qat(s: Setup, res: dict) -> None:
                 "weight_compression": alloc.compression,
                 "omega": alloc.total_omega,
             }
-            res["qat"]["runs"].append(r)
-            log(f"  QAT {name} seed {seed}: {100 * r['acc']:.2f}% ({time.perf_counter() - t:.0f}s)")
+            runs.append(r)
+            how = f"the bits of {twin['name']}" if twin is not None else "trained"
+            log(f"  QAT {name} seed {seed}: {100 * r['acc']:.2f}% ({how}, "
+                f"{time.perf_counter() - t:.0f}s)")  # fmt: skip
             save(s, res)
 
 
@@ -330,7 +338,13 @@ def study_order(s: Setup, res: dict) -> None:
     name, _, alloc = allocations(s, solver, sens, 0, s.exp.qat_compression)[0]
     res.setdefault("order", {"allocation": name, "runs": []})
     runs = res["order"]["runs"]
-    runs[:] = [r for r in runs if r.get("bits") == alloc.bits]  # this allocation's runs only
+    runs[:] = [
+        r
+        for r in runs
+        if r.get("bits") == alloc.bits
+        and r["order"] in s.exp.orders
+        and r["seed"] in s.exp.qat_seeds
+    ]  # this allocation's runs with the configured orders and seeds only
     done = {(r["order"], r["seed"]) for r in runs}
     qat_runs = res.get("qat", {}).get("runs", [])
     prior = {r["seed"]: r for r in qat_runs if r["name"] == name and r["bits"] == alloc.bits}

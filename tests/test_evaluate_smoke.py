@@ -118,3 +118,21 @@ def test_smoke_run_writes_doc_consistent_with_results(tmp_path: Path) -> None:
     assert "Spearman" in doc and "two-way bootstrap" in doc
     pngs = sorted(p.name for p in (tmp_path / "img").glob("*.png"))
     assert pngs == ["resnet20_cifar10_acc_vs_size.png", "resnet20_cifar10_omega_vs_acc.png"]
+
+
+def test_saved_results_stay_valid_only_for_the_same_settings() -> None:
+    from dataclasses import asdict, replace
+
+    from eval_setup import Experiment, same_settings
+
+    exp = Experiment(name="a", title="b", config="c", overrides=("x=1",), qat_seeds=(0, 1))
+    saved = json.loads(json.dumps(asdict(exp)))
+    assert same_settings(saved, exp)
+    # more seeds or random allocations: the saved runs are reused, the new ones added
+    assert same_settings(saved, replace(exp, qat_seeds=(0, 1, 2, 3, 4), qat_random=5))
+    # a field added later at its default value keeps old results
+    old = {k: v for k, v in saved.items() if k != "size_tolerance"}
+    assert same_settings(old, exp)
+    assert not same_settings(old, replace(exp, size_tolerance=0.05))
+    assert not same_settings(saved, replace(exp, overrides=("x=2",)))
+    assert not same_settings(saved, replace(exp, qat_compression=8.0))
