@@ -267,7 +267,7 @@ def solve_with(problem: Problem, config: AllocConfig, fake_s: np.ndarray | None)
     except InfeasibleAllocation as exc:
         if config.size_tolerance is None:
             raise
-        logger.warning("%s; using the allocation without the lower size bound", exc)
+        logger.warning("%s Using the allocation without the lower size bound.", exc)
         return _solve_with(problem, replace(config, size_tolerance=None), fake_s)
 
 

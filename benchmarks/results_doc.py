@@ -40,6 +40,7 @@ SIZE_TEXT = (
 )
 
 
+TARGET_COMPRESSION = 12.5  # the "~13x" (13.11x in the paper)
 SAME_SIZE = 0.02  # allocations within 2% of the HAWQ-ILP size count as the same size
 
 
@@ -356,17 +357,23 @@ def acceptance(res: dict, st: dict | None, qat_pairs: list) -> list[str]:
                 f"  - Spearman({key}, PTQ acc) = {rho:.3f} over {n} same-size allocations "
                 f"(target <= -0.5: {ok}); {d_rho:.3f} over the {d_n} distinct ones."
             )
+    q_runs = res.get("qat", {}).get("runs", [])
+    at = next((f" at {r['weight_compression']:.2f}x" for r in q_runs if r["kind"] == "hawq"), "")
     for vs, r in qat_pairs:
-        out.append(f"  - QAT HAWQ vs {vs}: {fmt_paired(r)}: {verdict(r)}.")
+        out.append(f"  - QAT{at} HAWQ vs {vs}: {fmt_paired(r)}: {verdict(r)}.")
     if "qat" in res:
         hs = [r["acc"] for r in res["qat"]["runs"] if r["kind"] == "hawq"]
         if hs:
             m, hw = mean_ci(hs)
             wc = next(r for r in res["qat"]["runs"] if r["kind"] == "hawq")["weight_compression"]
+            target = (
+                f"the 3.0-point target at ~13x: {'meets' if fp - m <= 0.03 else 'MISSES'}"
+                if wc >= TARGET_COMPRESSION
+                else "not the ~13x of the 3.0-point target"
+            )
             out.append(
                 f"  - QAT HAWQ at {wc:.2f}x: {pct(m)} +- {pct(hw)}% over {len(hs)} seeds, "
-                f"{100 * (fp - m):.2f} points under float (target 3.0: "
-                f"{'meets' if fp - m <= 0.03 else 'MISSES'})."
+                f"{100 * (fp - m):.2f} points under float ({target})."
             )
     return out
 
