@@ -202,7 +202,6 @@ def qat_md(res: dict) -> tuple[list[str], list]:
     runs = q["runs"]
     names = list(dict.fromkeys(r["name"] for r in runs))
     seeds = sorted({r["seed"] for r in runs})
-    complete = [n for n in names if {r["seed"] for r in runs if r["name"] == n} >= set(seeds)]
     rows = []
     for n in names:
         accs = [r["acc"] for r in runs if r["name"] == n]
@@ -234,29 +233,39 @@ def qat_md(res: dict) -> tuple[list[str], list]:
     )
     pairs = []
     bits = {r["name"]: r["bits"] for r in runs}
-    hawq = next((n for n in complete if n.startswith("hawq")), None)
+    hawq = next((n for n in names if n.startswith("hawq")), None)
     if hawq is not None:
-        hm = _seed_matrix(runs, hawq, seeds)
+        seeds_of = {n: {r["seed"] for r in runs if r["name"] == n} for n in names}
         twins = sorted(n for n in names if n != hawq and bits[n] == bits[hawq])
-        anti = next((n for n in complete if n.startswith("anti")), None)
+
+        def paired(others: list[str], label: str) -> None:
+            common = sorted(seeds_of[hawq].intersection(*(seeds_of[n] for n in others)))
+            if not common:
+                return
+            hm = _seed_matrix(runs, hawq, common)
+            om = np.mean([_seed_matrix(runs, n, common) for n in others], axis=0)
+            if len(common) < len(seeds):
+                label += f" (seeds {common} only)"
+            pairs.append((label, paired_bootstrap(hm - om)))
+
+        anti = next((n for n in names if n.startswith("anti")), None)
         if anti is not None:
-            label = "anti" + (" (the same bits as HAWQ)" if anti in twins else "")
-            pairs.append((label, paired_bootstrap(hm - _seed_matrix(runs, anti, seeds))))
-        rand = [n for n in complete if n.startswith("random")]
+            paired([anti], "anti" + (" (the same bits as HAWQ)" if anti in twins else ""))
+        rand = [n for n in names if n.startswith("random")]
         if rand:
             same = sum(n in twins for n in rand)
             label = f"mean of {len(rand)} random" + (
                 f" ({same} with the same bits as HAWQ)" if same else ""
             )
-            rm = np.mean([_seed_matrix(runs, n, seeds) for n in rand], axis=0)
-            pairs.append((label, paired_bootstrap(hm - rm)))
+            paired(rand, label)
         n_distinct = len({json.dumps(b, sort_keys=True) for b in bits.values()})
         out += [
             "",
             f"{n_distinct} distinct bit assignment(s) among these {len(names)} allocations"
             + (
                 f"; {', '.join(twins)} got exactly HAWQ's bits, so their difference from "
-                "HAWQ is zero by construction (at this size the solver has almost no choice)."
+                "HAWQ is zero by construction"
+                + (" (at this size the solver has no other choice)." if n_distinct == 1 else ".")
                 if twins
                 else "."
             ),
