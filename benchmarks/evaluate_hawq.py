@@ -459,7 +459,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(cfg.threads)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
     torch.use_deterministic_algorithms(True, warn_only=False)
-    cmd = "python benchmarks/evaluate_hawq.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    shown = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--doc-only"]
+    cmd = "python benchmarks/evaluate_hawq.py " + " ".join(shown)  # the command that reruns it
     if not args.doc_only:
         for exp in cfg.experiments:
             if args.only is None or exp.name in args.only:
