@@ -14,9 +14,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +28,13 @@ import torch
 import yaml
 
 import hawq
-from hawq.allocate import Allocation, AllocConfig, Problem, allocate
+from hawq.allocate import Allocation, AllocConfig, InfeasibleAllocation, Problem, allocate
 from hawq.quant.bitconfig import atomic_write
 from pipeline.config import load_config
 from pipeline.data import DataBundle, load_data
 from pipeline.models import build_model, loss_fn_for
 
+logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = "../shared/data/"
 
@@ -47,21 +49,30 @@ class Experiment:
     overrides: tuple[str, ...] = ()
     ptq_random: int = 10  # random same-size allocations per solver (PTQ)
     ptq_compression: float | None = None  # PTQ target W-Comp (None: allocation.compression)
+    qat_compression: float | None = None  # QAT/order target W-Comp (None: allocation.compression)
+    studies: tuple[str, ...] = ("ptq", "qat", "order")  # the studies this experiment runs
     qat_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     qat_random: int = 3  # random allocations fine-tuned with every seed
     qat_solver: str = "ilp"  # the solver family of the QAT and order studies
     final_epochs: int = 1  # epochs with every block trainable after the block stages
     orders: tuple[str, ...] = ("descending", "reverse", "random")
     augment: bool = True  # random crop (pad 4) + horizontal flip during QAT
+    # every solver's weight bits in [(1 - t) B, B] for the target's budget B (same size)
+    size_tolerance: float | None = 0.02
     reduced: str = ""  # what this run leaves out relative to the issue (shown in the doc)
 
     def __post_init__(self) -> None:
-        for key in ("overrides", "qat_seeds", "orders"):
+        for key in ("overrides", "qat_seeds", "orders", "studies"):
             object.__setattr__(self, key, tuple(getattr(self, key)))
         if self.qat_solver not in ("ilp", "v1"):
             raise ValueError(f"{self.name}: qat_solver must be 'ilp' or 'v1'")
+        t = self.size_tolerance
+        if t is not None and not (isinstance(t, float | int) and 0 < t < 1):
+            raise ValueError(f"{self.name}: size_tolerance must be in (0, 1) or null, got {t!r}")
         if self.ptq_random < 0 or self.qat_random < 0 or self.final_epochs < 0:
             raise ValueError(f"{self.name}: ptq_random, qat_random, final_epochs must be >= 0")
+        if not self.studies or set(self.studies) - {"ptq", "qat", "order"}:
+            raise ValueError(f"{self.name}: studies must be a non-empty subset of ptq, qat, order")
         bad = set(self.orders) - {"descending", "reverse", "random"}
         if bad:
             raise ValueError(f"{self.name}: unknown orders {sorted(bad)}")
@@ -106,14 +117,34 @@ def load_eval_config(path: str | Path) -> EvalConfig:
     return cfg
 
 
+# Fields whose change keeps saved results valid: rows and runs are keyed by allocation name,
+# bits, seed and order, and the studies drop those no longer configured.
+RESUMABLE_FIELDS = frozenset(
+    {"title", "reduced", "ptq_random", "qat_random", "qat_seeds", "orders", "studies"}
+)
+
+
+def same_settings(saved: Mapping[str, Any], exp: Experiment) -> bool:
+    """Whether results saved with the Experiment fields ``saved`` belong to ``exp``: equal
+    up to ``RESUMABLE_FIELDS`` (a field added since, at its default value, is equal too)."""
+    now = json.loads(json.dumps(asdict(exp)))
+    defaults = {f.name: f.default for f in fields(Experiment) if f.name not in saved}
+    defaults = json.loads(json.dumps(defaults))  # only fields with plain defaults are new
+    return set(saved) <= set(now) and all(
+        saved.get(k, defaults.get(k)) == v for k, v in now.items() if k not in RESUMABLE_FIELDS
+    )
+
+
 def smoke_config(cfg: EvalConfig, out_dir: Path) -> EvalConfig:
-    """The first experiment with the smoke fields (overrides appended), writing to ``out_dir``."""
+    """The first experiment with the smoke fields (overrides appended), writing to ``out_dir``,
+    on one thread."""
     s = dict(cfg.smoke)
     e = cfg.experiments[0]
     s["overrides"] = (*e.overrides, *s.get("overrides", ()))
     exp = replace(e, **s)
     return replace(
         cfg,
+        threads=1,  # it runs in the test suite, next to other tests
         experiments=(exp,),
         doc=str(out_dir / "results.md"),
         img_dir=str(out_dir / "img"),
@@ -224,7 +255,23 @@ def permuted_sensitivity(problem: Problem, how: str, rng: np.random.Generator | 
 
 
 def solve_with(problem: Problem, config: AllocConfig, fake_s: np.ndarray | None) -> Allocation:
-    """``config.method`` on ``problem`` (fake sensitivities S' if given); true total Omega."""
+    """``config.method`` on ``problem`` (fake sensitivities S' if given); true total Omega.
+
+    If no assignment of the method lies within ``config.size_tolerance`` of the target (the
+    v1 rule can only use sizes its monotone sequences reach), the method's allocation without
+    the lower size bound is returned; the caller reports its size and drops it from the
+    same-size comparisons.
+    """
+    try:
+        return _solve_with(problem, config, fake_s)
+    except InfeasibleAllocation as exc:
+        if config.size_tolerance is None:
+            raise
+        logger.warning("%s Using the allocation without the lower size bound.", exc)
+        return _solve_with(problem, replace(config, size_tolerance=None), fake_s)
+
+
+def _solve_with(problem: Problem, config: AllocConfig, fake_s: np.ndarray | None) -> Allocation:
     if fake_s is None:
         return allocate(problem, config)
     s = np.maximum(problem.sensitivity, np.finfo(np.float64).tiny)
@@ -237,5 +284,7 @@ def solve_with(problem: Problem, config: AllocConfig, fake_s: np.ndarray | None)
 def uniform(problem: Problem, config: AllocConfig, bits: int) -> Allocation:
     """Every free block at ``bits`` (pins kept), no size limit."""
     ub = tuple(u if len(u) == 1 else (bits,) for u in problem.unit_bits)
-    cfg = replace(config, compression=None, size_limit_mb=None, bops_limit=None)
+    cfg = replace(
+        config, compression=None, size_limit_mb=None, bops_limit=None, size_tolerance=None
+    )
     return allocate(replace(problem, unit_bits=ub), cfg)

@@ -51,6 +51,7 @@ from eval_setup import (  # noqa: E402
     load_model_and_data,
     load_run_config,
     permuted_sensitivity,
+    same_settings,
     smoke_config,
     solve_with,
     uniform,
@@ -165,7 +166,7 @@ def allocations(
     """HAWQ, anti and ``n_random`` random allocations of one solver and sensitivity (at the
     config's compression, or ``compression``)."""
     problem = s.problems[sens]
-    acfg = replace(s.acfg, method=solver, sensitivity=sens)
+    acfg = replace(s.acfg, method=solver, sensitivity=sens, size_tolerance=s.exp.size_tolerance)
     if compression is not None:
         acfg = replace(acfg, compression=compression, size_limit_mb=None)
     out = [
@@ -196,10 +197,12 @@ def study_ptq(s: Setup, res: dict) -> None:
     for b in (4, 2):
         todo.insert(2, (f"uniform-{b}", "uniform", "-", "-", uniform(s.problems[sens0], s.acfg, b)))
     rows = res.setdefault("ptq", {"rows": []})["rows"]
-    done = {r["name"] for r in rows}
+    names = {t[0] for t in todo} | {"uniform-4-all-a4"}
+    rows[:] = [r for r in rows if r["name"] in names]  # e.g. fewer random allocations now
     for i, (name, kind, solver, sens, alloc) in enumerate(todo):
-        if name in done:
-            continue
+        if any(r["name"] == name and r["bits"] == alloc.bits for r in rows):
+            continue  # done with these bits (a changed allocation rule recomputes the row)
+        rows[:] = [r for r in rows if r["name"] != name]
         c = correctness(ptq_model(s.model, alloc.bit_config, s.data), s.data, s.bs)
         rows.append(s.record(name, kind, solver, sens, alloc, c))
         save(s, res)
@@ -207,7 +210,7 @@ def study_ptq(s: Setup, res: dict) -> None:
             f"  PTQ {i + 1}/{len(todo)} {name}: {rows[-1]['weight_compression']:.2f}x "
             f"acc {100 * rows[-1]['acc']:.2f}%"
         )
-    if "uniform-4-all-a4" not in done:
+    if all(r["name"] != "uniform-4-all-a4" for r in rows):
         w4a4 = BitConfig(weight_bits=4, act_bits=4)  # everything at W4/A4, input/last too
         c = correctness(ptq_model(s.model, w4a4, s.data), s.data, s.bs)
         rows.append(
@@ -289,6 +292,7 @@ def qat_run(s: Setup, alloc: Allocation, seed: int, mode: str) -> dict:
     c = correctness(m, s.data, s.bs)
     return {
         "seed": seed,
+        "bits": alloc.bits,
         "order": mode,
         "stage_acc": stage_acc,
         "acc": float(np.mean(c)),
@@ -297,17 +301,23 @@ def qat_run(s: Setup, alloc: Allocation, seed: int, mode: str) -> dict:
 
 
 def study_qat(s: Setup, res: dict) -> None:
-    """HAWQ, anti and random allocations of one solver, each with every seed."""
+    """HAWQ, anti and random allocations of one solver, each with every seed. A run is
+    deterministic in (bits, seed): an allocation with the bits of one already trained reuses
+    its result; runs of allocations or seeds no longer configured are dropped."""
     solver, sens = s.exp.qat_solver, s.acfg.sensitivity
-    allocs = allocations(s, solver, sens, s.exp.qat_random)
+    allocs = allocations(s, solver, sens, s.exp.qat_random, s.exp.qat_compression)
     res.setdefault("qat", {"solver": solver, "sensitivity": sens, "runs": []})
-    done = {(r["name"], r["seed"]) for r in res["qat"]["runs"]}
+    runs = res["qat"]["runs"]
+    want = {name: alloc.bits for name, _, alloc in allocs}
+    runs[:] = [r for r in runs if want.get(r["name"]) == r["bits"] and r["seed"] in s.exp.qat_seeds]
     for name, kind, alloc in allocs:
+        done = {r["seed"] for r in runs if r["name"] == name}
         for seed in s.exp.qat_seeds:
-            if (name, seed) in done:
+            if seed in done:
                 continue
             t = time.perf_counter()
-            r = qat_run(s, alloc, seed, "descending")
+            twin = next((r for r in runs if r["bits"] == alloc.bits and r["seed"] == seed), None)
+            r = dict(twin) if twin is not None else qat_run(s, alloc, seed, "descending")
             r |= {
                 "name": name,
                 "kind": kind,
@@ -315,25 +325,36 @@ def study_qat(s: Setup, res: dict) -> None:
                 "weight_compression": alloc.compression,
                 "omega": alloc.total_omega,
             }
-            res["qat"]["runs"].append(r)
-            log(f"  QAT {name} seed {seed}: {100 * r['acc']:.2f}% ({time.perf_counter() - t:.0f}s)")
+            runs.append(r)
+            how = f"the bits of {twin['name']}" if twin is not None else "trained"
+            log(f"  QAT {name} seed {seed}: {100 * r['acc']:.2f}% ({how}, "
+                f"{time.perf_counter() - t:.0f}s)")  # fmt: skip
             save(s, res)
 
 
 def study_order(s: Setup, res: dict) -> None:
     """The HAWQ bits fine-tuned in each order with every seed (descending reuses the QAT runs)."""
     solver, sens = s.exp.qat_solver, s.acfg.sensitivity
-    name, _, alloc = allocations(s, solver, sens, 0)[0]
+    name, _, alloc = allocations(s, solver, sens, 0, s.exp.qat_compression)[0]
     res.setdefault("order", {"allocation": name, "runs": []})
-    done = {(r["order"], r["seed"]) for r in res["order"]["runs"]}
-    prior = {r["seed"]: r for r in res.get("qat", {}).get("runs", []) if r["name"] == name}
+    runs = res["order"]["runs"]
+    runs[:] = [
+        r
+        for r in runs
+        if r.get("bits") == alloc.bits
+        and r["order"] in s.exp.orders
+        and r["seed"] in s.exp.qat_seeds
+    ]  # this allocation's runs with the configured orders and seeds only
+    done = {(r["order"], r["seed"]) for r in runs}
+    qat_runs = res.get("qat", {}).get("runs", [])
+    prior = {r["seed"]: r for r in qat_runs if r["name"] == name and r["bits"] == alloc.bits}
     for mode in s.exp.orders:
         for seed in s.exp.qat_seeds:
             if (mode, seed) in done:
                 continue
             r = prior.get(seed) if mode == "descending" else None
             r = dict(r) if r is not None else qat_run(s, alloc, seed, mode)
-            res["order"]["runs"].append(r)
+            runs.append(r)
             log(f"  order {mode} seed {seed}: stages {r['stage_acc']} final {r['acc']:.4f}")
             save(s, res)
 
@@ -349,7 +370,7 @@ def run_experiment(exp: Experiment, cfg: EvalConfig, studies, device, data_root)
     results_dir = Path(cfg.results_dir)
     path = results_dir / f"{exp.name}.json"
     res = json.loads(path.read_text()) if path.exists() else {}
-    if res.get("experiment", {}) != asdict(exp) and res:
+    if res and not same_settings(res.get("experiment", {}), exp):
         log(f"  {path}: settings changed, starting afresh")
         res = {}
     log(f"== {exp.name}: {exp.title}")
@@ -384,7 +405,7 @@ def run_experiment(exp: Experiment, cfg: EvalConfig, studies, device, data_root)
     }
     res.setdefault("seconds", {})["setup"] = time.perf_counter() - t0
     log(f"  float {100 * res['float_acc']:.2f}% on {res['n_eval']} images")
-    for study in studies:
+    for study in (st for st in studies if st in exp.studies):
         t = time.perf_counter()
         if study == "ptq":
             study_ptq(s, res)
@@ -438,7 +459,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(cfg.threads)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
     torch.use_deterministic_algorithms(True, warn_only=False)
-    cmd = "python benchmarks/evaluate_hawq.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    shown = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--doc-only"]
+    cmd = "python benchmarks/evaluate_hawq.py " + " ".join(shown)  # the command that reruns it
     if not args.doc_only:
         for exp in cfg.experiments:
             if args.only is None or exp.name in args.only:

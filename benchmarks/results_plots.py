@@ -49,7 +49,10 @@ def plots(res: dict, img_dir: Path, doc_dir: Path) -> list[str]:
     plt.close(fig)
     out.append(p)
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    same = [r for r in rows if r["kind"] != "uniform"]
+    alloc = [r for r in rows if r["kind"] != "uniform"]
+    ref = next((r for r in alloc if r["kind"] == "hawq" and r["solver"] == "ilp"), None)
+    ref_mb = (ref or alloc[0])["size_mb"] if alloc else 1.0
+    same = [r for r in alloc if abs(r["size_mb"] / ref_mb - 1) <= 0.02]  # as in the doc
     for ax, key in zip(axes, ("omega_eigenvalue", "omega_trace"), strict=True):
         for kind, c in colors.items():
             rs = [r for r in same if r["kind"] == kind]

@@ -92,6 +92,9 @@ class AllocConfig:
     first block (the network input) and of the last module of the last block (None =
     ``act_bits``); 8 by default, as the HAWQ reference code keeps them.
     ``percentile`` / ``mse_clip`` / ``clip_bits``: weight clipping, as in ``BitConfig``.
+    ``size_tolerance`` t (0 < t < 1, needs a size limit or compression): the allocation's
+    weight bits lie in [(1 - t) B, B] for the limit's budget B, so allocations of any method
+    or sensitivity have the same size to within t (``InfeasibleAllocation`` if none does).
     """
 
     method: str = "ilp"
@@ -109,6 +112,7 @@ class AllocConfig:
     percentile: float | None = None
     clip_bits: int | None = None
     mse_clip: bool = False
+    size_tolerance: float | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -128,6 +132,11 @@ class AllocConfig:
                 check_number(name, getattr(self, name), low=0, low_open=True)
         if self.size_limit_mb is not None and self.compression is not None:
             raise ValueError("give at most one of size_limit_mb and compression, not both")
+        if self.size_tolerance is not None:
+            tol = self.size_tolerance
+            check_number("size_tolerance", tol, low=0, high=1, low_open=True, high_open=True)
+            if self.size_limit_mb is None and self.compression is None:
+                raise ValueError("size_tolerance needs size_limit_mb or compression")
         check_bits("act_bits", self.act_bits)
         for key, b in dict(self.pins).items():
             _check_name(key, "pins")
@@ -427,6 +436,7 @@ def allocate(problem: Problem, config: AllocConfig) -> Allocation:
         size_limit_mb=config.size_limit_mb,
         compression=config.compression,
         bops_limit=config.bops_limit,
+        size_tolerance=config.size_tolerance,
     )
     out = _allocation(problem, bits, config)
     logger.info(

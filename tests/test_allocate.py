@@ -326,3 +326,66 @@ def test_allocate_model_sizes_match_hawq_size():
     want = sum(costs[m] * b * act.get(m, 4) for m, b in alloc.bits.items())
     assert problem.bops(alloc.table.column("bits").to_numpy()) == pytest.approx(want)
     assert math.isclose(alloc.total_omega, float(alloc.table.column("omega").to_numpy().sum()))
+
+
+def in_window(table, fixed, limit, tol):
+    """brute_force's keep: weight bits in [ceil((1 - tol) B), B], B = the limit's bit budget."""
+    n_w = np.array(table.column("n_params").to_pylist())
+    budget = math.floor((limit * MB - fixed) * 8)
+    return lambda bits: math.ceil((1 - tol) * budget) <= int((bits * n_w).sum()) <= budget
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("method", ["ilp", "v1"])
+def test_size_tolerance_is_the_brute_force_optimum_in_the_window(seed, method):
+    table, omega, _, fixed = synthetic(seed, decreasing=seed % 2 == 0)
+    rng = np.random.default_rng(seed + 50)
+    lo, hi = size_range(table, fixed)
+    limit = lo + rng.uniform(0.1, 0.9) * (hi - lo)
+    tol = float(rng.choice([0.005, 0.02, 0.1]))
+    config = AllocConfig(method=method, size_limit_mb=limit, size_tolerance=tol)
+    problem = build_problem(table, omega, BITS, config, fixed_bytes=fixed)
+    window = in_window(table, fixed, limit, tol)
+    n_p = np.array(table.column("n_params").to_pylist(), float)
+    order = np.argsort(-np.array(table.column("trace").to_pylist()) / n_p, kind="stable")
+    mono = monotone_in(order) if method == "v1" else (lambda bits: True)
+    bf = brute_force(table, omega, np.zeros(7), fixed, keep=lambda b: window(b) and mono(b))
+    if len(bf[3]) == 0:
+        with pytest.raises(InfeasibleAllocation, match="size_tolerance"):
+            allocate(problem, config)
+        return
+    alloc = allocate(problem, config)
+    bits = np.array(alloc.table.column("bits").to_pylist())
+    assert window(bits) and mono(bits)
+    assert (1 - tol) * limit <= alloc.size_mb <= limit
+    assert alloc.total_omega == pytest.approx(bf[3].min(), rel=1e-9)
+    # without the floor the optimum can only be at least as good
+    free = allocate(problem, AllocConfig(method=method, size_limit_mb=limit))
+    assert free.total_omega <= alloc.total_omega * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_size_tolerance_restricted_v1_ilp_equals_enumeration(seed, monkeypatch):
+    table, omega, _, fixed = synthetic(seed, n=8)
+    lo, hi = size_range(table, fixed)
+    config = AllocConfig(method="v1", size_limit_mb=lo + 0.6 * (hi - lo), size_tolerance=0.1)
+    problem = build_problem(table, omega, BITS, config, fixed_bytes=fixed)
+    enumerated = allocate(problem, config)
+    monkeypatch.setattr(bit_solvers, "MAX_ENUMERATION", 0)
+    restricted = allocate(problem, config)
+    assert restricted.total_omega == pytest.approx(enumerated.total_omega, rel=1e-9)
+    assert restricted.size_mb >= 0.9 * config.size_limit_mb
+
+
+def test_size_tolerance_validation_and_unreachable_floor():
+    with pytest.raises(ValueError, match="size_tolerance"):
+        AllocConfig(compression=8.0, size_tolerance=0.0)
+    with pytest.raises(ValueError, match="size_tolerance"):
+        AllocConfig(compression=8.0, size_tolerance=1.0)
+    with pytest.raises(ValueError, match="needs size_limit_mb or compression"):
+        AllocConfig(size_tolerance=0.02)
+    table, omega, _, fixed = synthetic(4)
+    config = AllocConfig(compression=1.0, size_tolerance=0.02, pins={"b0": 2})
+    problem = build_problem(table, omega, BITS, config, fixed_bytes=fixed)
+    with pytest.raises(InfeasibleAllocation, match="largest model"):
+        allocate(problem, config)  # 32x/8 bits everywhere but b0 at 2: under the 1x floor

@@ -29,6 +29,7 @@ def test_eval_configs_load_and_are_strict(tmp_path: Path) -> None:
         cfg = load_eval_config(ROOT / "configs" / "evaluate" / name)
         assert [e.name for e in cfg.experiments] == [
             "resnet20_cifar10",
+            "resnet20_cifar10_qat8x",
             "resnet56_cifar10",
             "fashion_mnist_resnet20",
         ]
@@ -38,6 +39,12 @@ def test_eval_configs_load_and_are_strict(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("experiments: [{name: a, title: b, config: c, seedz: [1]}]\n")
     with pytest.raises(ValueError, match="seedz"):
+        load_eval_config(bad)
+    bad.write_text("experiments: [{name: a, title: b, config: c, size_tolerance: 1.5}]\n")
+    with pytest.raises(ValueError, match="size_tolerance"):
+        load_eval_config(bad)
+    bad.write_text("experiments: [{name: a, title: b, config: c, studies: [qat, ptqq]}]\n")
+    with pytest.raises(ValueError, match="studies"):
         load_eval_config(bad)
 
 
@@ -62,7 +69,7 @@ def test_smoke_run_writes_doc_consistent_with_results(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "evaluate_hawq.py"), "--smoke",
          "--out", str(tmp_path)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=900,
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = (tmp_path / "results.md").read_text()
@@ -73,11 +80,30 @@ def test_smoke_run_writes_doc_consistent_with_results(tmp_path: Path) -> None:
     assert len(rows) == 8 + 4 + 3
     assert {"hawq-v1-eigenvalue", "anti-ilp-trace", "random-ilp-1", "uniform-2"} <= set(rows)
     ref = rows["hawq-ilp-eigenvalue"]["size_mb"]
+    same = []
     for name, r in rows.items():
         assert len(r["correct"]) == res["n_eval"] == 96
         assert r["acc"] == pytest.approx(r["correct"].count("1") / 96)
-        if not name.startswith("uniform"):
-            assert abs(r["size_mb"] / ref - 1) <= 0.02, name  # same size within 2%
+        if name.startswith("uniform"):
+            continue
+        dev = r["size_mb"] / ref - 1
+        if r["solver"] == "ilp":  # the ILP always lands in [0.98 B, B]: the same size
+            assert abs(dev) <= 0.02, name
+        if abs(dev) <= 0.02:
+            same.append(name)
+        else:  # a v1 sequence outside the window: reported, left out of the comparisons
+            assert f"{name} ({100 * dev:+.1f}%)" in doc
+            pair = f"| {r['solver']}, {r['sensitivity']} |"
+            if r["kind"] == "hawq":
+                assert pair not in doc, name
+            elif r["kind"] == "anti":
+                assert f"{pair} anti |" not in doc, name
+    assert f"over {len(same)} same-size allocations" in doc
+    sens0 = res["alloc"]["sensitivity"]
+    for solver in ("ilp", "v1"):
+        if f"hawq-{solver}-{sens0}" in same:  # compared with the mean of same-size randoms
+            k = sum(n.startswith(f"random-{solver}-") for n in same)
+            assert f"| {solver}, {sens0} | mean of {k} random |" in doc
     hawq_acc = 100 * rows["hawq-ilp-eigenvalue"]["acc"]
     assert re.search(
         rf"\| hawq-ilp-eigenvalue \| ilp \| eigenvalue \|[^\n]*\| {hawq_acc:.2f} \|", doc
@@ -92,3 +118,21 @@ def test_smoke_run_writes_doc_consistent_with_results(tmp_path: Path) -> None:
     assert "Spearman" in doc and "two-way bootstrap" in doc
     pngs = sorted(p.name for p in (tmp_path / "img").glob("*.png"))
     assert pngs == ["resnet20_cifar10_acc_vs_size.png", "resnet20_cifar10_omega_vs_acc.png"]
+
+
+def test_saved_results_stay_valid_only_for_the_same_settings() -> None:
+    from dataclasses import asdict, replace
+
+    from eval_setup import Experiment, same_settings
+
+    exp = Experiment(name="a", title="b", config="c", overrides=("x=1",), qat_seeds=(0, 1))
+    saved = json.loads(json.dumps(asdict(exp)))
+    assert same_settings(saved, exp)
+    # more seeds or random allocations: the saved runs are reused, the new ones added
+    assert same_settings(saved, replace(exp, qat_seeds=(0, 1, 2, 3, 4), qat_random=5))
+    # a field added later at its default value keeps old results
+    old = {k: v for k, v in saved.items() if k != "size_tolerance"}
+    assert same_settings(old, exp)
+    assert not same_settings(old, replace(exp, size_tolerance=0.05))
+    assert not same_settings(saved, replace(exp, overrides=("x=2",)))
+    assert not same_settings(saved, replace(exp, qat_compression=8.0))

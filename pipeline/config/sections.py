@@ -148,6 +148,8 @@ class AllocationSection(Section):
     """Clip each output channel at its MSE-optimal ratio of max|w| (instead of the maximum)."""
     clip_bits: int | None = None
     """Clip (percentile or MSE) only at weight bits <= this; null = at every width."""
+    size_tolerance: float | None = None
+    """Also a lower size bound: weight bits >= (1 - this) x the limit's (e.g. 0.02); null = none."""
 
     def check(self) -> None:
         if not self.candidate_bits:
@@ -174,6 +176,10 @@ class AllocationSection(Section):
         if self.size_limit_mb is None and self.compression is None and self.bops_limit is None:
             fail("size_limit_mb", "set one of size_limit_mb, compression or bops_limit")
         check_number("percentile", self.percentile, low=0, high=100, low_open=True)
+        tol = self.size_tolerance
+        check_number("size_tolerance", tol, low=0, high=1, low_open=True, high_open=True)
+        if tol is not None and self.size_limit_mb is None and self.compression is None:
+            fail("size_tolerance", "needs allocation.size_limit_mb or allocation.compression")
         for key in ("input_act_bits", "last_act_bits"):
             if getattr(self, key) is not None:
                 check_bits(key, getattr(self, key))
