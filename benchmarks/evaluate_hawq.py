@@ -362,7 +362,8 @@ def study_order(s: Setup, res: dict) -> None:
 def save(s: Setup, res: dict) -> None:
     path = Path(res["_path"])
     path.parent.mkdir(parents=True, exist_ok=True)
-    hawq.quant.bitconfig.atomic_write(path, json.dumps(res, indent=1).encode())
+    stored = {k: v for k, v in res.items() if k != "_path"}  # where it lies is not a result
+    hawq.quant.bitconfig.atomic_write(path, json.dumps(stored, indent=1).encode())
 
 
 def run_experiment(exp: Experiment, cfg: EvalConfig, studies, device, data_root) -> None:

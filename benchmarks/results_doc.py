@@ -21,8 +21,8 @@ from results_plots import plots
 from hawq.quant.bitconfig import atomic_write
 
 # HAWQ v1 (arXiv 1905.03696), Table 1, ResNet-20 on CIFAR-10. None of these rows has been
-# checked against the PDF from this machine (no network); /work/shared/hawq-notes.md lists
-# them "as recalled, to be checked".
+# checked against the paper's PDF (no network here); they are the values as recalled, to be
+# checked.
 PAPER_ROWS = (
     ("FP32 (paper)", "32", "32", "1.00x", "92.37", "not verified"),
     ("DNAS (paper)", "MP", "4", "16.60x", "92.00", "not verified"),
