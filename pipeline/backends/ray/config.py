@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from typing import Any
+
+from hawq.validation import check_int, check_number
 
 PLACEMENTS = ("pack", "spread")
 NETWORK_ENV = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "TP_SOCKET_IFNAME")
@@ -30,14 +31,6 @@ def private_temp_dir(env: Any = None) -> str | None:
     env = os.environ if env is None else env
     job = env.get("SLURM_JOB_ID")
     return f"/tmp/hawq-ray-{job}-private" if job else None
-
-
-def _check_number(name: str, value: Any, *, low: float, integer: bool = False) -> None:
-    kinds = int if integer else int | float
-    if isinstance(value, bool) or not isinstance(value, kinds):
-        raise ValueError(f"{name} must be {'an int' if integer else 'a number'}, got {value!r}")
-    if not (math.isfinite(value) and value >= low):
-        raise ValueError(f"{name} must be >= {low}, got {value!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,25 +74,25 @@ class RayBackendConfig:
     def __post_init__(self) -> None:
         if self.address is not None and (not isinstance(self.address, str) or not self.address):
             raise ValueError(f"address must be None or 'host:port', got {self.address!r}")
-        _check_number("data_shards", self.data_shards, low=1, integer=True)
-        _check_number("block_groups", self.block_groups, low=1, integer=True)
-        _check_number("cpus_per_actor", self.cpus_per_actor, low=0)
-        _check_number("gpus_per_actor", self.gpus_per_actor, low=0)
+        check_int("data_shards", self.data_shards, low=1)
+        check_int("block_groups", self.block_groups, low=1)
+        check_number("cpus_per_actor", self.cpus_per_actor, low=0)
+        check_number("gpus_per_actor", self.gpus_per_actor, low=0)
         if self.memory_budget_mb is not None:
-            _check_number("memory_budget_mb", self.memory_budget_mb, low=0)
-        _check_number("max_actor_restarts", self.max_actor_restarts, low=0, integer=True)
-        _check_number("max_retries", self.max_retries, low=0, integer=True)
+            check_number("memory_budget_mb", self.memory_budget_mb, low=0)
+        check_int("max_actor_restarts", self.max_actor_restarts, low=0)
+        check_int("max_retries", self.max_retries, low=0)
         if self.torch_threads is not None:
-            _check_number("torch_threads", self.torch_threads, low=1, integer=True)
-        _check_number("collective_timeout_s", self.collective_timeout_s, low=1)
-        _check_number("start_timeout_s", self.start_timeout_s, low=1)
+            check_int("torch_threads", self.torch_threads, low=1)
+        check_number("collective_timeout_s", self.collective_timeout_s, low=1)
+        check_number("start_timeout_s", self.start_timeout_s, low=1)
         if self.placement not in PLACEMENTS:
             raise ValueError(f"placement must be 'pack' or 'spread', got {self.placement!r}")
         for name in ("num_cpus", "num_gpus"):
             if getattr(self, name) is not None:
-                _check_number(name, getattr(self, name), low=0, integer=True)
+                check_int(name, getattr(self, name), low=0)
         if self.object_store_mb is not None:
-            _check_number("object_store_mb", self.object_store_mb, low=1)
+            check_number("object_store_mb", self.object_store_mb, low=1)
         if self.gpus_per_actor > 1 and self.gpus_per_actor != int(self.gpus_per_actor):
             raise ValueError(f"gpus_per_actor above 1 must be whole, got {self.gpus_per_actor}")
 
