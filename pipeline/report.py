@@ -234,7 +234,8 @@ def report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None)
         text.append(
             f"Plots: skipped, matplotlib is not installed. Fix: {install_hint('matplotlib')}"
         )
-    html = render_html(f"hawq report: {cfg.run.name}", made, images, GLOSSARY, run_summary(store))
+    summary = run_summary(store, cfg)
+    html = render_html(f"hawq report: {cfg.run.name}", made, images, GLOSSARY, summary)
     atomic_write_text(target / "report.html", html)
     files = [target / f"{name}.png" for name, _ in images] + [target / "report.html"]
     text.append("Files:\n" + "\n".join(f"  {p}" for p in files))

@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from hawq import BitConfig
 from pipeline.atomic import atomic_write_parquet, read_parquet
-from pipeline.config import load_config
+from pipeline.config import RunConfig, load_config
 from pipeline.store import RunStore
 
 __all__ = [
@@ -66,14 +66,17 @@ def stage_rows(store: RunStore, stage: str, name: str) -> list[dict[str, Any]] |
     return read_parquet(path).to_pylist() if path.exists() else None
 
 
-def run_summary(store: RunStore) -> dict[str, Any]:
-    """The summary row (``RUN_SUMMARY_SCHEMA`` keys; None for what the run has not made yet)."""
+def run_summary(store: RunStore, cfg: RunConfig | None = None) -> dict[str, Any]:
+    """The summary row (``RUN_SUMMARY_SCHEMA`` keys; None for what the run has not made yet);
+    ``cfg``: the run's config when the caller has already loaded it."""
     from pipeline.stages import STAGES
 
     row: dict[str, Any] = dict.fromkeys(RUN_SUMMARY_SCHEMA.names)
     manifest = store.read_manifest()
-    if store.config_path.exists():  # run.name, not the directory's name
-        row["run"] = load_config(store.config_path).run.name
+    if cfg is None and store.config_path.exists():
+        cfg = load_config(store.config_path)
+    if cfg is not None:  # run.name, not the directory's name
+        row["run"] = cfg.run.name
     row["stages_done"] = sum(
         1 for st in STAGES if getattr(manifest.get(st.name), "status", "") == "done"
     )
@@ -104,11 +107,11 @@ def run_summary(store: RunStore) -> dict[str, Any]:
     return row
 
 
-def write_run_summary(store: RunStore) -> Path:
+def write_run_summary(store: RunStore, cfg: RunConfig | None = None) -> Path:
     """Write ``RUN_DIR/summary.parquet`` (atomically)."""
     path = store.root / SUMMARY_FILE
     atomic_write_parquet(
-        path, pa.Table.from_pylist([run_summary(store)], schema=RUN_SUMMARY_SCHEMA)
+        path, pa.Table.from_pylist([run_summary(store, cfg)], schema=RUN_SUMMARY_SCHEMA)
     )
     return path
 

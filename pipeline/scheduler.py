@@ -314,7 +314,7 @@ def execute(
                 i + 1, len(todo), p.stage, outcome.seconds[p.stage], time.perf_counter() - t_run,
             )  # fmt: skip
             pause_point(f"{p.stage}:done")
-        write_run_summary(store)
+        write_run_summary(store, cfg)
     return outcome
 
 
