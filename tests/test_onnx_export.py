@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from onnx_checks import last_layer_bound, load_cifar10, probe_session
 from torch import nn
 
 from hawq.deploy import (
@@ -42,7 +43,7 @@ from hawq.quant.bitconfig import BitConfig, LayerBits
 from hawq.quant.modules import calibrate_, quantize_, quantized_modules
 from hawq.quant.primitives import act_qparams, quantize_act
 from hawq.size import weight_compression_ratio
-from pipeline.config import DataConfig, ModelConfig, load_config
+from pipeline.config import ModelConfig, load_config
 from pipeline.data import load_data
 from pipeline.models import build_model, loss_fn_for
 
@@ -52,7 +53,6 @@ needs_shared = pytest.mark.skipif(
     not (SHARED / "cifar10_subset.npz").is_file(),
     reason=f"shared CIFAR-10 data not found at {SHARED} (see shared/data/README.md)",
 )
-U = 2.0**-24  # float32 unit roundoff
 
 
 @pytest.fixture(autouse=True)
@@ -92,31 +92,22 @@ def _last_layer_bound(
     """Per-image, per-class bound of |logits_onnx - logits_torch| (module docstring) and the
     number of images whose last-layer input codes differ."""
     last = [m for m in frozen.modules() if isinstance(m, FrozenLinear)][-1]
-    proto = onnx.load(onnx_path)
-    gemm = [nd for nd in proto.graph.node if nd.op_type == "Gemm"][-1]
-    proto.graph.output.append(onnx.helper.make_tensor_value_info(gemm.input[0], 1, None))
-    probe = tmp / "probe.onnx"
-    onnx.save(proto, probe)
-    sess = onnx_session(probe, optimize=optimize)
+    gemm = [nd for nd in onnx.load(onnx_path).graph.node if nd.op_type == "Gemm"][-1]
+    sess = probe_session(onnx_path, [gemm.input[0]], tmp, optimize=optimize)
     xo = torch.cat(
         [
             torch.from_numpy(sess.run([gemm.input[0]], {"input": x[i : i + 256].numpy()})[0])
             for i in range(0, len(x), 256)
         ]
-    ).double()
+    )
     seen = []
     h = last.register_forward_pre_hook(lambda m, a: seen.append(m.quantized_input(a[0])))
     with torch.no_grad():
         for i in range(0, len(x), 256):
             frozen(x[i : i + 256])
     h.remove()
-    xt = torch.cat(seen).double()
-    w = last.dequantized_weight().detach().double()
-    b = last.bias.detach().double()
-    k = w.shape[1] + 1
-    gamma = k * U / (1 - k * U)
-    bound = (xo - xt) @ w.T
-    bound = bound.abs() + gamma * ((xt.abs() + xo.abs()) @ w.abs().T + 2 * b.abs())
+    xt = torch.cat(seen)
+    bound = last_layer_bound(last.dequantized_weight(), last.bias, xt, xo)
     flipped = int((xo != xt).any(dim=1).sum())
     return bound, flipped
 
@@ -168,14 +159,7 @@ def _check_export(model: nn.Module, x: torch.Tensor, tmp: Path) -> dict:
 def _cifar_resnet(depth: int, weight_bits: int, tmp: Path) -> dict:
     """Pretrained CIFAR ResNet, A4 with an 8-bit input image, PTQ; ``weight_bits`` 2: ~13x
     weight compression (layer1 and layer2.0-1 at 4 bits), 4: ~8x."""
-    data = load_data(
-        DataConfig(
-            name="cifar10",
-            path=str(SHARED / "cifar10_subset.npz"),
-            hessian_samples=128,
-            normalization="imagenet",
-        )
-    )
+    data = load_cifar10(SHARED / "cifar10_subset.npz")
     ckpt = {20: "resnet20-12fca82f.th", 56: "resnet56-4bfd9763.th"}[depth]
     model = build_model(
         ModelConfig(name=f"cifar_resnet{depth}", checkpoint=str(SHARED / ckpt))
@@ -217,8 +201,8 @@ def test_resnet20_13x_onnx_matches_fake_quant(tmp_path: Path) -> None:
 
 @needs_shared
 def test_resnet56_onnx_matches_fake_quant(tmp_path: Path) -> None:
-    """The other architecture (torchvision is not installed): the CIFAR ResNet-56 at W4A4
-    (its 2-bit PTQ model has near-tied logits, where one flip can change an argmax)."""
+    """The deeper CIFAR ResNet-56 at W4A4 (its 2-bit PTQ model has near-tied logits, where one
+    flip can change an argmax); torchvision models: ``tests/test_onnx_torchvision.py``."""
     res = _cifar_resnet(56, 4, tmp_path)
     assert 7.5 <= res["compression"] <= 8.5
 
