@@ -1,5 +1,6 @@
 """The whole pipeline (baseline -> hessian -> allocate -> order -> finetune -> evaluate -> export)
-on the paper's ImageNet architectures, with tiny generated inputs.
+and ``hawq export --format onnx --check`` on the paper's ImageNet architectures, with tiny
+generated inputs.
 
 ResNet-18/50, Inception-V3 (aux logits off, at 75x75: the smallest input it accepts),
 MobileNet-V2 and SqueezeNet 1.1 come from torchvision (``weights=None``, nothing downloads;
@@ -14,9 +15,11 @@ model outside the pipeline (parameters per block, compression from the bits).
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 
+import onnx
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -24,6 +27,7 @@ from tiny_run import REPO
 from torch import nn
 
 from hawq.blocks import partition_blocks
+from hawq.size import MB
 from pipeline.cli import main
 from pipeline.config.sections import ModelConfig
 from pipeline.models import build_model
@@ -174,6 +178,20 @@ def test_whole_pipeline_on_tiny_images(name: str, tmp_path: Path):
     patterns = [tuple(p) for p in hessian.get("patterns", [])] or None
     blocks = partition_blocks(model, grouping=hessian["grouping"], patterns=patterns)
     assert [b.name for b in blocks] == expected_blocks
+
+    # the user's deploy command: ONNX QDQ (checked by onnx on export) with each layer's codes
+    # at its exported width, run in onnxruntime against the rebuilt model (--check); the
+    # numerics are proven layer by layer in tests/test_onnx_torchvision.py
+    assert main(["-q", "export", str(run), "--format", "onnx", "--check"]) == 0
+    sizes = json.loads((run / "deploy" / "sizes.json").read_text())
+    assert sizes["packed_bytes"]["total"] == round(sizes["computed_size_mb"] * MB)
+    assert math.isfinite(sizes["max_abs_logit_diff"]) and 0 <= sizes["agreement"] <= 1
+    proto = onnx.load(run / "deploy" / "model.onnx")
+    codes = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    for module, row in exported.items():
+        assert abs(codes[f"{module}.weight_int"]).max() == 2 ** (row["weight_bits"] - 1) - 1
+    ops = [nd.op_type for nd in proto.graph.node]
+    assert ops.count("QuantizeLinear") == len(exported)
 
 
 @needs_torchvision
