@@ -20,9 +20,11 @@ from safetensors.torch import load_file
 from test_resume_kill_anytime import _kill_at
 from tiny_run import assert_same_outputs, write_config
 
+from hawq.metrics import batches
+from hawq.qat import QATConfig, train_float
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.scheduler import run
+from pipeline.scheduler import run, stage_keys
 
 TESTS = Path(__file__).resolve().parent
 DDP = {
@@ -138,3 +140,68 @@ def test_kill_mid_epoch_at_world_size_2_then_resume_equals_uninterrupted(runs, t
     log = (killed / "hawq.log").read_text()
     assert "resuming training after stage 2 epoch 0, 4 steps into the next" in log
     assert assert_same_outputs(runs["w2"], killed) >= 20
+
+
+# --------------------------------------------------------------------------- the hawq loop alone
+
+
+def test_rank_slices_cover_each_global_batch_in_order() -> None:
+    """Tensors and callables: the ranks' slices, concatenated, are the global batch."""
+    x, y = torch.arange(23.0).view(23, 1), torch.arange(23)
+    for world in (1, 2, 3):
+        per_rank = [
+            list(batches((x, y), 5, torch.Generator().manual_seed(4), True, False, rank=r,
+                         world_size=world))
+            for r in range(world)
+        ]  # fmt: skip
+        glob = list(batches((x, y), 5, torch.Generator().manual_seed(4), True, False))
+        assert len(glob) == 5 and all(len(p) == 5 for p in per_rank)
+        for k, (gx, gy) in enumerate(glob):
+            assert torch.equal(torch.cat([p[k][0] for p in per_rank]), gx)
+            assert torch.equal(torch.cat([p[k][1] for p in per_rank]), gy)
+            sizes = [len(p[k][1]) for p in per_rank]
+            assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes)  # floor cuts
+
+    def loader(gen):  # a streaming source yielding global batches
+        return iter([(x[:3], y[:3]), (x[3:4], y[3:4])])
+
+    got = [b for _, b in batches(loader, 0, torch.Generator(), True, False, rank=1, world_size=2)]
+    assert [t.tolist() for t in got] == [[1, 2], [3]]
+    calls = []
+
+    def sharded(gen, *, rank, world_size):  # one that reads only its own share
+        calls.append((rank, world_size))
+        return iter([])
+
+    sharded.sharded = True
+    assert list(batches(sharded, 0, torch.Generator(), True, False, rank=1, world_size=2)) == []
+    assert calls == [(1, 2)]
+
+
+def test_frozen_batchnorm_keeps_running_statistics_and_trains_the_rest() -> None:
+    import ddp_model
+
+    torch.manual_seed(0)
+    model = ddp_model.make()
+    x, y = torch.randn(40, 1, 8, 8), torch.randint(0, 10, (40,))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train_float(model, (x, y), None, QATConfig(batch_size=8, lr=0.1, batchnorm="frozen"))
+    after = model.state_dict()
+    for k in before:
+        moved = not torch.equal(before[k], after[k])
+        assert moved == (k.split(".")[-1] in ("weight", "bias")), k  # running stats stay put
+    assert "forward" not in model[2].__dict__  # the BatchNorm override is gone afterwards
+
+
+def test_world_size_joins_the_stage_keys_only_with_local_batchnorm(tmp_path) -> None:
+    def keys(world: int, bn: str) -> dict[str, str]:
+        changes = {"distributed": {"world_size": world},
+                   "finetune": {"batchnorm": bn}, "baseline": {"batchnorm": bn}}  # fmt: skip
+        cfg = load_config(write_config(tmp_path / f"{world}{bn}.yaml", changes))
+        return {s: k for s, (k, _) in stage_keys(cfg, "fp").items()}
+
+    assert keys(1, "sync") == keys(2, "sync") == keys(3, "sync")
+    assert keys(1, "frozen") == keys(2, "frozen") != keys(1, "sync")
+    one, two = keys(1, "local"), keys(2, "local")
+    assert one["baseline"] != two["baseline"] and one["finetune"] != two["finetune"]
+    assert one["hessian"] != two["hessian"]  # downstream of the baseline
