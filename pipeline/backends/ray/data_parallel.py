@@ -144,18 +144,18 @@ class WorkerGroup:
         self.where: list[dict[str, Any]] = []
         total = ray.cluster_resources()
         raise_if_too_large(cfg, total.get("CPU", 0.0), total.get("GPU", 0.0))
-        d = self.cfg
-        bundle = {"CPU": d.cpus_per_worker, **({"GPU": d.gpus_per_worker} if d.gpus_per_worker
-                                               else {})}  # fmt: skip
-        strategy = "SPREAD" if d.placement == "spread" else "PACK"
-        self.group = placement_group([dict(bundle)] * d.world_size, strategy=strategy)
+        bundle = {"CPU": cfg.cpus_per_worker}
+        if cfg.gpus_per_worker:
+            bundle["GPU"] = cfg.gpus_per_worker
+        strategy = "SPREAD" if cfg.placement == "spread" else "PACK"
+        self.group = placement_group([dict(bundle)] * cfg.world_size, strategy=strategy)
         try:
             self._start(bundle, threads)
         except BaseException:
             self.close()
             raise
         nodes = len({w["node"] for w in self.where})
-        logger.info("data parallel: %d workers on %d node(s)", d.world_size, nodes)
+        logger.info("data parallel: %d workers on %d node(s)", cfg.world_size, nodes)
 
     def _start(self, bundle: dict[str, float], threads: int) -> None:
         """Place the workers, note where they run, and form their process group."""
