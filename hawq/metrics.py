@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hawq.data_parallel import all_reduce_sums, rank_slice, world
+
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 Data = tuple[torch.Tensor, torch.Tensor] | Callable[[torch.Generator], Batches]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -37,14 +39,40 @@ def _tensor_batches(
         yield x[j], y[j]
 
 
-def batches(data: Data, batch_size: int, gen: torch.Generator, shuffle: bool, drop_last: bool):
+def _rank_slices(global_batches: Batches, rank: int, world_size: int) -> Batches:
+    for xb, yb in global_batches:
+        s = rank_slice(yb.shape[0], rank, world_size)
+        yield xb[s], yb[s]
+
+
+def batches(
+    data: Data,
+    batch_size: int,
+    gen: torch.Generator,
+    shuffle: bool,
+    drop_last: bool,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Batches:
     """``(x, y)`` batches of ``data``: tensors are cut here (shuffled by ``gen``), a callable
-    ``data(gen)`` yields its own batches (e.g. a ``DataLoader`` over a ``Dataset``)."""
+    ``data(gen)`` yields its own batches (e.g. a ``DataLoader`` over a ``Dataset``).
+
+    With ``world_size > 1`` each global batch is cut to rank ``rank``'s contiguous slice
+    (:func:`hawq.data_parallel.rank_slice`); a callable with a true ``sharded`` attribute is
+    called as ``data(gen, rank=rank, world_size=world_size)`` and yields its slices itself
+    (a streaming source that reads only its own share).
+    """
     if callable(data):
-        return data(gen)
+        if world_size == 1:
+            return data(gen)
+        if getattr(data, "sharded", False):
+            return data(gen, rank=rank, world_size=world_size)
+        return _rank_slices(data(gen), rank, world_size)
     if not (isinstance(data, tuple | list) and len(data) == 2):
         raise ValueError("data must be a tuple (X, y) of tensors or a callable(generator)")
-    return _tensor_batches(tuple(data), batch_size, gen if shuffle else None, drop_last)
+    cut = _tensor_batches(tuple(data), batch_size, gen if shuffle else None, drop_last)
+    return cut if world_size == 1 else _rank_slices(cut, rank, world_size)
 
 
 def task_loss(out: torch.Tensor, y: torch.Tensor, loss_fn: LossFn | None) -> torch.Tensor:
@@ -71,14 +99,20 @@ def evaluate(
     model: nn.Module, data: Data, *, batch_size: int = 512, loss_fn: LossFn | None = None
 ) -> tuple[float, float]:
     """Mean loss (per sample) and accuracy (NaN for non-classification targets) of ``model``
-    in eval mode (its mode is restored)."""
+    in eval mode (its mode is restored). Under data parallelism (:mod:`hawq.data_parallel`)
+    each rank evaluates its slices and the sums are all-reduced: every rank gets the result."""
     was = model.training
     model.eval()
     dev = _device(model)
+    rank, world_size = world()
     loss, correct, total, n = 0.0, 0, 0, 0
     classification = True
     try:
-        for xb, yb in batches(data, batch_size, torch.Generator(), False, False):
+        for xb, yb in batches(
+            data, batch_size, torch.Generator(), False, False, rank=rank, world_size=world_size
+        ):
+            if yb.shape[0] == 0:  # an empty slice of a small global batch
+                continue
             xb, yb = xb.to(dev), yb.to(dev)
             out = model(xb)
             if loss_fn is None:
@@ -92,6 +126,10 @@ def evaluate(
             n += yb.shape[0]
     finally:
         model.train(was)
+    if world_size > 1:
+        sums = all_reduce_sums([loss, correct, total, n, float(not classification)], dev)
+        loss, correct, total, n = sums[0], round(sums[1]), round(sums[2]), round(sums[3])
+        classification = sums[4] == 0
     if n == 0:
         raise ValueError("evaluation data is empty")
     return loss / n, correct / total if classification and total else math.nan

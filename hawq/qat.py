@@ -11,6 +11,11 @@ Loss: ``ce`` = the task loss (cross-entropy on logits, or ``loss_fn(output, targ
 other tasks, see :mod:`hawq.metrics`); ``distill`` = ``alpha * T^2 * KL(p_t^T || p_s^T) +
 (1 - alpha) * CE`` against a frozen float teacher (by default a copy of ``model`` as passed).
 
+Data parallelism: called in every rank of an initialised ``torch.distributed`` group, the loop
+trains data-parallel (rank slices of each global batch, gradients and observer ranges
+all-reduced, evaluation sharded; see :mod:`hawq.data_parallel`) and gives the single-process
+weights at the same global batch; ``batchnorm`` chooses how BatchNorm behaves.
+
 Determinism: epoch ``g`` (counted over all stages) shuffles with a ``torch.Generator`` seeded
 by ``derive_seed(seed, "qat-data", g)``; the global torch RNG (dropout) is forked, seeded from
 the config and saved in the state. A ``QATState`` taken after any epoch holds the model (with
@@ -32,6 +37,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hawq.data_parallel import (
+    BATCHNORM_MODES,
+    all_reduce_sums,
+    batchnorm_mode,
+    broadcast_buffers,
+    reduce_step,
+    world,
+)
 from hawq.metrics import Data, LossFn, batches, count_correct, evaluate, task_loss
 from hawq.quant.bitconfig import BitConfig
 from hawq.quant.modules import quantize_, quantized_modules
@@ -75,6 +88,7 @@ class QATConfig:
     temperature: float = 4.0
     alpha: float = 0.9
     seed: int = 0
+    batchnorm: str = "sync"  # "sync" | "frozen" | "local" (hawq.data_parallel.batchnorm_mode)
 
     def __post_init__(self) -> None:
         check_int("epochs", self.epochs, low=1)
@@ -97,6 +111,8 @@ class QATConfig:
             )
         if self.loss not in ("ce", "distill"):
             raise ValueError(f"loss must be 'ce' or 'distill', got {self.loss!r}")
+        if self.batchnorm not in BATCHNORM_MODES:
+            raise ValueError(f"batchnorm must be one of {BATCHNORM_MODES}, got {self.batchnorm!r}")
 
     def lr_at(self, epoch: int) -> float:
         """Learning rate of epoch ``epoch`` (0-based) within a stage."""
@@ -300,7 +316,8 @@ def _train(
     }
     history: list[EpochRecord] = []
     stage0, epoch0, opt_state, partial = 0, 0, None, None
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+    fork = torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else [])
+    with fork, batchnorm_mode(model, config.batchnorm):
         if state is None:
             torch.manual_seed(derive_seed(config.seed, "qat-torch"))
         else:
@@ -374,11 +391,16 @@ def _train_epoch(
         group["lr"] = lr
     gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "qat-data", g))
     model.train()
+    rank, world_size = world()
+    params = [p for group in opt.param_groups for p in group["params"]]
     tot, correct, total, n, classification, skip = 0.0, 0, 0, 0, True, 0
     if partial is not None:  # resumed mid-epoch: same order, the first `skip` batches done
         tot, correct, total, n = partial["tot"], partial["correct"], partial["total"], partial["n"]
         classification, skip = partial["classification"], partial["step"]
-    for k, (xb, yb) in enumerate(batches(train_data, cfg.batch_size, gen, True, cfg.drop_last)):
+    cut = batches(
+        train_data, cfg.batch_size, gen, True, cfg.drop_last, rank=rank, world_size=world_size
+    )
+    for k, (xb, yb) in enumerate(cut):
         if k < skip:
             continue
         xb, yb = xb.to(dev), yb.to(dev)
@@ -387,13 +409,18 @@ def _train_epoch(
         if teacher is not None and cfg.loss == "distill":
             with torch.no_grad():
                 t_out = teacher(xb)
-        loss = _loss(cfg, out, yb, t_out, loss_fn)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
         b = yb.shape[0]
-        tot += loss.item() * b
-        counts = count_correct(out, yb)
+        if world_size == 1:
+            loss = _loss(cfg, out, yb, t_out, loss_fn)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            step_loss, counts = loss.item() * b, count_correct(out, yb)
+        else:  # this rank's share of the global batch mean; gradients and sums over all ranks
+            b, step_loss, counts = _data_parallel_step(cfg, opt, params, out, yb, t_out, loss_fn)
+        opt.step()
+        if world_size > 1 and cfg.batchnorm == "local":
+            broadcast_buffers(model)
+        tot += step_loss
         classification = classification and counts is not None
         if counts is not None:
             correct, total = correct + counts[0], total + counts[1]
@@ -421,6 +448,21 @@ def _train_epoch(
         n_quantized=nq,
         seconds=time.perf_counter() - t0,
     )
+
+
+def _data_parallel_step(cfg, opt, params, out, yb, t_out, loss_fn):  # noqa: ANN001, ANN202
+    """Backward of this rank's share ``(b_r / b) L_r`` and the all-reduce of the gradients;
+    returns the global ``(b, loss sum, (correct, total) or None)`` of the step."""
+    b_r = yb.shape[0]
+    (b,) = all_reduce_sums([b_r], out.device)
+    # an empty slice (a global batch smaller than the world) still joins the collectives
+    loss = _loss(cfg, out, yb, t_out, loss_fn) if b_r else out.sum() * 0.0
+    opt.zero_grad(set_to_none=True)
+    (loss * (b_r / b)).backward()
+    counts = count_correct(out, yb)
+    local = [loss.item() * b_r, *(counts or (0, 0)), float(counts is None)]
+    step_loss, correct, total, no_counts = reduce_step(params, local)
+    return round(b), step_loss, None if no_counts else (round(correct), round(total))
 
 
 def _restore(

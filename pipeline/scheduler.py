@@ -39,6 +39,7 @@ from pipeline.run_summary import write_run_summary
 from pipeline.stage_cache import StageCache
 from pipeline.stages import STAGES, StageContext, stage_by_name
 from pipeline.stages.base import Params, resolve_device
+from pipeline.stages.parallel import check_world_size
 from pipeline.store import RunStore
 from pipeline.validate import (
     check_extras,
@@ -195,6 +196,7 @@ def prepare(
     root = Path(run_dir if run_dir is not None else cfg.run.directory)
     check_run_dir(root)
     check_extras(cfg)
+    check_world_size(cfg)
     check_imports(cfg)
     store = RunStore(root)
     if cfg.run.torch_threads:
@@ -258,7 +260,8 @@ def execute(
     store, cfg = prep.store, prep.cfg
     store.create()
     outcome = RunOutcome(run_dir=store.root, plan=prep.plan)
-    with store.lock(), log_to_file(store.root / LOG_FILE):
+    # resources: what a stage keeps for the rest of the run (a Ray cluster it started)
+    with store.lock(), log_to_file(store.root / LOG_FILE), contextlib.ExitStack() as resources:
         store.remove_temp_files()
         for path in prep.corrupt:
             log.warning("repair: deleting corrupt %s (its stage recomputes it)", path)
@@ -292,6 +295,7 @@ def execute(
                 progress=progress,
                 backend=make,
                 cache=cache,
+                resources=resources,
             )
             t0 = time.perf_counter()
             claim = (

@@ -34,8 +34,10 @@ __all__ = [
 
 def check_extras(cfg: RunConfig) -> None:
     """The optional dependencies the config needs are installed (the fix names hawq's extra)."""
+    world = cfg.distributed.world_size
     needs = [
         ("backend.kind", cfg.backend.kind, "ray", cfg.backend.kind == "ray"),
+        ("distributed.world_size", world, "ray", world > 1),
         ("data.name", cfg.data.name, "sklearn", cfg.data.name == "digits"),
         ("data.name", cfg.data.name, "PIL", cfg.data.name == "imagefolder"),
     ]

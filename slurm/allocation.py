@@ -3,8 +3,10 @@
 A job with several tasks runs one Ray node per task, sized from the allocation
 (:class:`slurm.ray_cluster.NodeResources`); a one-task job with ``backend.kind: ray`` runs a
 private Ray on the task's CPUs. The grid needs ``D x G x cpus_per_actor`` CPUs (each actor within
-one task's share) and ``D x G x gpus_per_actor`` GPUs; each node's object store holds the job
-(float weights) and the Hessian batches the driver puts there. A shortfall is a
+one task's share) and ``D x G x gpus_per_actor`` GPUs, the data-parallel training workers
+``distributed.world_size x cpus_per_worker`` CPUs (and as many times ``gpus_per_worker`` GPUs);
+each node's object store holds the job (float weights) and the Hessian batches the driver puts
+there. A shortfall is a
 :class:`ValueError` naming the ``hawq-slurm`` flag to change (or the config key), raised before
 anything is submitted.
 """
@@ -49,8 +51,34 @@ def hessian_job_bytes(run: RunConfig) -> int:
     return weights + batches
 
 
+def check_data_parallel(run: RunConfig, launch: SlurmLaunchConfig) -> None:
+    """Raise ``ValueError`` if ``distributed.world_size`` workers do not fit the job's CPUs
+    (each within one task's share) or GPUs."""
+    d = run.distributed
+    if d.world_size == 1:
+        return
+    if d.cpus_per_worker > launch.cpus_per_task:
+        raise ValueError(
+            f"distributed.cpus_per_worker={d.cpus_per_worker:g} exceeds the "
+            f"{launch.cpus_per_task} CPU(s) of one task. Fix: --cpus-per-task "
+            f"{math.ceil(d.cpus_per_worker)} (or lower distributed.cpus_per_worker)"
+        )
+    for what, per, have, flag in (
+        ("CPUs", d.cpus_per_worker, launch.num_tasks * launch.cpus_per_task, "--cpus-per-task"),
+        ("GPUs", d.gpus_per_worker, launch.nodes * launch.gpus_per_node, "--gpus-per-node"),
+    ):
+        need = d.world_size * per
+        if need > have + 1e-9:
+            raise ValueError(
+                f"distributed.world_size={d.world_size} workers need {need:g} {what}; the job "
+                f"has {have}. Fix: more --nodes or {flag}, or lower distributed.world_size"
+            )
+
+
 def check_allocation(run: RunConfig, launch: SlurmLaunchConfig) -> None:
-    """Raise ``ValueError`` if the actor grid or the object store does not fit (see module doc)."""
+    """Raise ``ValueError`` if the actor grid, the data-parallel workers or the object store do
+    not fit (see module doc)."""
+    check_data_parallel(run, launch)
     if not uses_ray(run, launch):
         return
     b = run.backend

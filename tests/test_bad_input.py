@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from tiny_run import REPO, copy_of_finished_run, hawq_cmd, subprocess_env, write_config
 
+from pipeline.backends.ray.config import available_cpus
 from pipeline.cli import main
 
 Setup = Callable[[Path, object], list[str]]
@@ -134,6 +135,14 @@ CASES: dict[str, tuple[Setup, list[str]]] = {
     "unknown --until stage": (
         lambda t, f: [*_run(t, {}), "--until", "polish"],
         ["--until 'polish' is not a stage", "use one of baseline, hessian"],
+    ),
+    "world size larger than the cluster's CPUs": (
+        lambda t, f: _run(t, {"distributed": {"world_size": available_cpus() + 1}}),
+        [
+            f"distributed.world_size: {available_cpus() + 1} workers x 1 CPU",
+            f"the cluster has {available_cpus()}",
+            "Fix: lower distributed.world_size",
+        ],
     ),
     "malformed --set": (
         lambda t, f: [*_run(t, {}), "--set", "allocation.compression"],

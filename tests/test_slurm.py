@@ -267,6 +267,12 @@ def test_cpus_follow_affinity_and_the_allocation():
         ({"nodes": 2, "cpus_per_task": 2}, ["backend.gpus_per_actor=1"], "--gpus-per-node 1"),
         ({"nodes": 2, "cpus_per_task": 2, "mem_gb": 1}, ["data.hessian_samples=200000",
          "hessian.dtype=float64"], "the Ray object store of each node (307 MiB"),
+        ({"nodes": 2, "cpus_per_task": 2}, ["distributed.world_size=5"],
+         "distributed.world_size=5 workers need 5 CPUs; the job has 4. Fix: more --nodes"),
+        ({"nodes": 2, "cpus_per_task": 2}, ["distributed.world_size=2",
+         "distributed.gpus_per_worker=1"], "need 2 GPUs; the job has 0"),
+        ({"cpus_per_task": 2}, ["distributed.world_size=2", "distributed.cpus_per_worker=3"],
+         "--cpus-per-task 3"),
     ],
 )  # fmt: skip
 def test_grid_that_does_not_fit_the_allocation_names_the_flag(launch, sets, flag):
@@ -531,6 +537,29 @@ def test_two_node_ray_cluster_runs_the_pipeline(slurm_cluster, tmp_path):
             assert g[col] == w[col], (g["block"], col)
         for col in ("eigenvalue", "residual", "trace", "trace_stderr"):
             assert g[col] == pytest.approx(w[col], rel=1e-8), (g["block"], col)
+
+
+def test_two_node_job_trains_and_evaluates_data_parallel_on_both_nodes(slurm_cluster, tmp_path):
+    """sbatch -N2 with distributed.world_size=2: baseline training, fine-tuning and evaluation
+    run on two Ray workers, one on each Ray node of the job (their ``ranks.parquet``)."""
+    run_dir = tmp_path / "run"
+    overrides = (*TINY, "distributed.world_size=2", "finetune.checkpoint_every_steps=3")
+    job = submit_run(
+        QUICKSTART, run_dir, overrides, _slurm_cfg(tmp_path, nodes=2, cpus_per_task=2, mem_gb=2)
+    )
+    head, worker = job.results()
+    assert worker is None and (head.action, head.ray_nodes) == ("run", 2)
+    assert (run_dir / "stages" / "export" / "model_int.safetensors").exists()
+    nodes = set()
+    for stage in ("baseline", "finetune", "evaluate"):
+        ranks = pq.read_table(run_dir / "stages" / stage / "ranks.parquet").to_pylist()
+        assert [(r["world_size"], r["rank"]) for r in ranks] == [(2, 0), (2, 1)], stage
+        assert len({r["node"] for r in ranks}) == 2, (stage, ranks)  # one rank per Ray node
+        nodes |= {r["node"] for r in ranks}
+    assert len(nodes) == 2  # the job's two Ray nodes, the same in every stage
+    log = job.stderr()
+    assert log.count("data parallel: 2 workers on 2 node(s)") == 3
+    _wait_completed(job)
 
 
 def test_invalid_config_submits_nothing_to_slurm(slurm_cluster, tmp_path, capsys):

@@ -17,7 +17,7 @@ import yaml
 from safetensors import safe_open
 
 REPO = Path(__file__).resolve().parents[1]
-TIMING_COLUMNS = {"seconds", "started", "finished", "pid", "host"}
+TIMING_COLUMNS = {"seconds", "started", "finished", "pid", "host", "node"}  # + placement
 SKIP = {"lock", "hawq.log"}  # not outputs: the run lock and the run's log (timestamps)
 
 # 3 blocks (fc1..fc3); 2 baseline epochs; 3 QAT stages x 2 epochs; float64 Hessian.

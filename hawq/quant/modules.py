@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hawq.data_parallel import sync_min_max
 from hawq.quant.bitconfig import BitConfig, LayerBits
 from hawq.quant.primitives import (
     CLIP_KEYS,
@@ -46,11 +47,19 @@ __all__ = [
 ]
 
 
+def _batch_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min, max) of ``x``; ``(+inf, -inf)`` for an empty tensor (a rank's empty slice)."""
+    if x.numel() == 0:
+        return x.new_tensor(float("inf")), x.new_tensor(float("-inf"))
+    return torch.aminmax(x)
+
+
 class ActQuant(nn.Module):
     """Asymmetric activation fake-quantizer with an EMA-tracked range.
 
     In training mode each batch's (min, max) updates the range
-    ``r <- momentum * r + (1 - momentum) * batch`` (the first batch sets it), then ``x`` is
+    ``r <- momentum * r + (1 - momentum) * batch`` (the first batch sets it; under data
+    parallelism the global batch's, all-reduced over the ranks), then ``x`` is
     quantized over it. In eval mode the stored range is used as-is; before any range was
     observed the input passes through unchanged. Buffers ``running_min``, ``running_max``,
     ``initialized`` live in the state dict. ``bits == 32`` is the identity.
@@ -69,8 +78,8 @@ class ActQuant(nn.Module):
             return x
         if self.training:
             with torch.no_grad():
-                lo, hi = torch.aminmax(x.detach())
-                lo, hi = lo.float(), hi.float()
+                lo, hi = _batch_range(x.detach())
+                lo, hi = sync_min_max(lo.float(), hi.float())  # the global batch's range
                 if bool(self.initialized):
                     lo = ema_update(self.running_min, lo, self.momentum)
                     hi = ema_update(self.running_max, hi, self.momentum)

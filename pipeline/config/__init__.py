@@ -7,6 +7,7 @@
 - :mod:`pipeline.config.loading`: reading YAML files, ``a.b=value`` overrides, path checks.
 """
 
+from pipeline.config.distributed import DistributedSection
 from pipeline.config.loading import (
     check_paths,
     config_from_dict,
@@ -33,6 +34,7 @@ __all__ = [
     "BaselineSection",
     "ConfigError",
     "DataConfig",
+    "DistributedSection",
     "FinetuneSection",
     "HessianSection",
     "ModelConfig",

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
+from pipeline.config.distributed import DistributedSection
 from pipeline.config.inputs import (
     DataConfig,
     ModelConfig,
@@ -243,6 +244,9 @@ class FinetuneSection(Section):
     """Training batch size."""
     checkpoint_every_steps: int = 0
     """Also save the fine-tuning state every N optimizer steps (0: at epoch ends only)."""
+    batchnorm: Literal["sync", "frozen", "local"] = "sync"
+    """BatchNorm in training: sync = global batch statistics (all-reduced over the
+    data-parallel workers), frozen = running statistics, not updated, local = each worker's."""
 
     def check(self) -> None:
         check_positive("epochs_per_stage", self.epochs_per_stage, allow_zero=True)
@@ -297,6 +301,8 @@ class BaselineSection(Section):
     """Training batch size."""
     schedule: Literal["cosine", "constant", "step"] = "cosine"
     """Learning-rate schedule ('step' divides by 10 every third of the epochs)."""
+    batchnorm: Literal["sync", "frozen", "local"] = "sync"
+    """BatchNorm in training (as finetune.batchnorm)."""
 
     def check(self) -> None:
         check_positive("train_epochs", self.train_epochs, allow_zero=True)
@@ -320,6 +326,7 @@ class BaselineSection(Section):
             weight_decay=self.weight_decay,
             batch_size=self.batch_size,
             schedule=self.schedule,
+            batchnorm=self.batchnorm,
             step_size=max(1, self.train_epochs // 3),
             seed=seed,
             eval_batch_size=eval_batch_size,
@@ -395,6 +402,8 @@ class RunConfig(Section):
     """Quantization-aware fine-tuning."""
     backend: BackendSection = field(default_factory=BackendSection)
     """Where the Hessian stage runs."""
+    distributed: DistributedSection = field(default_factory=DistributedSection)
+    """Data-parallel baseline training, fine-tuning and evaluation."""
 
     def check(self) -> None:
         if self.loss is not None:

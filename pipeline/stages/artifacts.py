@@ -8,14 +8,37 @@ importing that stage.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from hawq import BitConfig, quantize_
+from pipeline.models import model_factory
 from pipeline.stages.base import StageContext
 
 CALIBRATION_BATCHES = 4
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSource:
+    """A picklable recipe of a model: its architecture and weights (each data-parallel rank
+    builds its own copy)."""
+
+    build: Callable[[], nn.Module]
+    weights: Mapping[str, torch.Tensor]
+
+    def model(self, device: torch.device) -> nn.Module:
+        """A fresh copy (eval mode) on ``device``."""
+        model = self.build()
+        model.load_state_dict(self.weights)
+        return model.to(device).eval()
+
+
+def float_source(ctx: StageContext) -> ModelSource:
+    """The baseline's float model as a :class:`ModelSource`."""
+    return ModelSource(build=model_factory(ctx.cfg.model), weights=ctx.float_weights())
 
 
 def load_bit_config(ctx: StageContext) -> BitConfig:

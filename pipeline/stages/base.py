@@ -6,6 +6,7 @@ own through the context (atomic, stamped with its key) and reports progress for 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -58,6 +59,7 @@ class StageContext:
     progress: bool = True
     backend: Callable[[], Any] | None = None  # -> HessianBackend (hessian stage only)
     cache: dict[str, Any] = field(default_factory=dict)
+    resources: contextlib.ExitStack | None = None  # the run's: e.g. a Ray cluster a stage started
 
     # ---- own outputs
     def write_table(self, name: str, table: pa.Table) -> Path:

@@ -17,6 +17,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import pyarrow as pa
 
@@ -44,7 +45,7 @@ EPOCH_SCHEMA = pa.schema(
 """Per-epoch metrics of baseline training (phase ``baseline``) and QAT (phase ``finetune``);
 ``ft_stage`` is the fine-tuning stage (0 for the baseline), ``epoch`` counts within it."""
 
-TrainLoop = Callable[..., list[EpochRecord]]  # (state=..., on_epoch_end=...) -> records
+TrainLoop = Callable[..., Any]  # (state=..., on_epoch_end=..., on_step=...) -> its result
 
 
 def epoch_table(phase: str, history: Sequence[dict]) -> pa.Table:
@@ -71,10 +72,11 @@ def _load_state(ctx: StageContext, name: str) -> QATState | None:
 
 def train_resumably(
     ctx: StageContext, train: TrainLoop, *, state_file: str, total: int, every_steps: int = 0
-) -> None:
+) -> Any:
     """Run ``train(state=..., on_epoch_end=..., on_step=...)`` with the state persisted after
     every epoch, every ``every_steps`` optimizer steps (0: epoch ends only) and at the step a
-    preemption (:mod:`pipeline.preempt`) is requested; the preemption then proceeds."""
+    preemption (:mod:`pipeline.preempt`) is requested; the preemption then proceeds. Returns
+    what ``train`` returns."""
     state = _load_state(ctx, state_file)
     t0, first = time.perf_counter(), 0 if state is None else int(state.meta["global_epoch"])
 
@@ -104,4 +106,4 @@ def train_resumably(
 
     ctx.report_progress(first, total, "epochs")
     with preempt.deferrable():
-        train(state=state, on_epoch_end=on_epoch_end, on_step=on_step)
+        return train(state=state, on_epoch_end=on_epoch_end, on_step=on_step)

@@ -3,26 +3,36 @@
 Writes ``metrics.parquet``: one row per phase (``float`` baseline, ``ptq`` = all blocks
 quantized at once and calibrated without training, ``finetune`` after each QAT stage
 ``ft_stage``, ``final``) with loss, accuracy and its 95% Wilson interval on the
-``eval_samples`` evaluation samples (NaN without class targets), size and weight compression.
+``eval_samples`` evaluation samples (NaN without class targets), size and weight compression;
+``ranks.parquet``: the evaluations run on ``distributed.world_size`` data-parallel ranks (each
+evaluates its slices, the sums are all-reduced; see :mod:`pipeline.stages.parallel`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 import pyarrow as pa
+import torch
+from torch import nn
 
-from hawq import size_summary
+from hawq import BitConfig, evaluate, quantize_, size_summary
 from hawq.metrics import wilson_interval
 from hawq.quant.modules import calibrate_
+from pipeline.data import DataBundle
+from pipeline.data_factory import FactoryData
+from pipeline.models import LossFn
 from pipeline.stages.artifacts import (
+    ModelSource,
     calibration_inputs,
+    float_source,
     load_bit_config,
-    quantized_float_model,
-    quantized_model,
+    qat_stages,
 )
 from pipeline.stages.base import Stage, StageContext, no_params
+from pipeline.stages.parallel import Rank, rank_data, run_ranks
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +62,37 @@ ROW_COLUMNS = (
 )
 
 
-def _ptq(ctx: StageContext) -> tuple[float, float]:
-    """Accuracy with every block quantized at once, activation ranges calibrated, no training."""
-    model = quantized_float_model(ctx)
-    calibrate_(model, calibration_inputs(ctx))
-    return ctx.evaluate(model)
+@dataclass(frozen=True, kw_only=True)
+class EvaluateJob:
+    """What every rank needs: the float model, the bits, the fine-tuned weights, data."""
+
+    float_model: ModelSource
+    bit_config: BitConfig
+    modules: list[str]  # the blocks of the fine-tuning order (quantized)
+    finetuned: dict[str, torch.Tensor]
+    calibration: list[torch.Tensor]  # PTQ's activation-range batches
+    data: DataBundle | FactoryData
+    batch_size: int
+    loss_fn: LossFn | None
+
+
+def evaluate_models(job: EvaluateJob, rank: Rank) -> list[tuple[float, float]]:
+    """One rank: (loss, accuracy) of the float model, of PTQ (every block quantized at once,
+    activation ranges calibrated, no training) and of the fine-tuned model."""
+    dev = rank.device
+
+    def quantized() -> nn.Module:
+        model = job.float_model.model(dev)
+        return quantize_(model, job.bit_config, modules=job.modules)
+
+    def score(model: nn.Module) -> tuple[float, float]:
+        data = job.data.eval_data(job.batch_size)
+        return evaluate(model, data, batch_size=job.batch_size, loss_fn=job.loss_fn)
+
+    ptq = calibrate_(quantized(), [x.to(dev) for x in job.calibration])
+    final = quantized()
+    final.load_state_dict(job.finetuned)
+    return [score(job.float_model.model(dev)), score(ptq), score(final.eval())]
 
 
 def run(ctx: StageContext) -> None:
@@ -66,11 +102,21 @@ def run(ctx: StageContext) -> None:
     example = ctx.data.example(1).to(ctx.device)
     q_size = size_summary(float_model, bit_config, example)
     nan = math.nan
-    rows = []
-    fl, fa = ctx.evaluate(float_model)
-    rows.append(("float", None, "", fl, fa, q_size["float_size_mb"], 1.0))
-    pl, pa_ = _ptq(ctx)
-    rows.append(("ptq", None, "all", pl, pa_, q_size["size_mb"], q_size["weight_compression"]))
+    job = EvaluateJob(
+        float_model=float_source(ctx),
+        bit_config=bit_config,
+        modules=[m for st in qat_stages(ctx) for m in st],
+        finetuned=ctx.store.read_tensors("finetune", "model.safetensors")[0],
+        calibration=[x.cpu() for x in calibration_inputs(ctx)],
+        data=rank_data(ctx),
+        batch_size=ctx.cfg.data.batch_size,
+        loss_fn=ctx.loss_fn(),
+    )
+    (fl, fa), (pl, pa_), (loss, acc) = run_ranks(ctx, evaluate_models, job)
+    rows = [
+        ("float", None, "", fl, fa, q_size["float_size_mb"], 1.0),
+        ("ptq", None, "all", pl, pa_, q_size["size_mb"], q_size["weight_compression"]),
+    ]
     ctx.pause("ptq")  # test hook: mid-evaluation, nothing written yet
     order = ctx.read_table("order", "order.parquet").to_pydict()
     epochs = ctx.read_table("finetune", "epochs.parquet").to_pylist()
@@ -81,8 +127,6 @@ def run(ctx: StageContext) -> None:
         blocks = [b for b, st in zip(order["block"], order["ft_stage"], strict=True) if st == s]
         r = last[s]
         rows.append(("finetune", s, ",".join(blocks), r["eval_loss"], r["eval_acc"], nan, nan))
-    model = quantized_model(ctx)
-    loss, acc = ctx.evaluate(model)
     rows.append(("final", None, "all", loss, acc, q_size["size_mb"], q_size["weight_compression"]))
     n = ctx.data.n_eval
     records = []

@@ -30,6 +30,7 @@ from hawq.hessian.trace import probe_sample
 from hawq.hessian.trace_deflated import Deflation
 from pipeline.backends.base import Batch, HessianJob
 from pipeline.backends.ray.config import NETWORK_ENV
+from pipeline.backends.ray.process_group import join_group, open_store
 
 logger = logging.getLogger(__name__)
 
@@ -94,26 +95,16 @@ class HessianWorker:
         if self.rank != 0:
             raise RuntimeError("rendezvous runs on rank 0")
         self._leave()
-        host = ray.util.get_node_ip_address()
-        self._store = dist.TCPStore(
-            host, 0, self.world, is_master=True, timeout=self.timeout, wait_for_workers=False
-        )
-        return host, self._store.port
+        self._store, host, port = open_store(self.world, self.timeout)
+        return host, port
 
     def join(self, host: str, port: int, gen: int) -> int:
         """(Re)build the process group of generation ``gen`` (a no-op group when world is 1)."""
         self._leave()
         if self.world > 1:
             store = self._store if self.rank == 0 else None
-            if store is None:
-                store = dist.TCPStore(host, port, self.world, is_master=False, timeout=self.timeout)
-            dist.init_process_group(
-                self.collective,
-                store=dist.PrefixStore(f"gen{gen}/", store),
-                rank=self.rank,
-                world_size=self.world,
-                timeout=self.timeout,
-            )
+            join_group(self.collective, self.rank, self.world, self.timeout, host=host,
+                       port=port, store=store, prefix=f"gen{gen}/")  # fmt: skip
         self._gen, self._broken = gen, False
         return gen
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import logging
 import pickle
-import shutil
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -51,9 +50,9 @@ from hawq.hessian.table import eigen_row, resumed_row, sensitivity_table, trace_
 from hawq.optional import progress_bar
 from pipeline.atomic import pause_point
 from pipeline.backends.base import HessianJob, ProbeCallback, Probes, RowCallback
-from pipeline.backends.ray import default_auth_mode
 from pipeline.backends.ray.actors import FATAL_ERRORS, HessianWorker
-from pipeline.backends.ray.config import RayBackendConfig, available_cpus, private_temp_dir
+from pipeline.backends.ray.cluster import connect
+from pipeline.backends.ray.config import RayBackendConfig
 from pipeline.backends.ray.placement import actor_options, group_placements
 
 logger = logging.getLogger(__name__)
@@ -100,8 +99,7 @@ class RayBackend:
         self.on_event = on_event
         self.actors: list[list[ray.actor.ActorHandle]] = []
         self.stats: dict[str, Any] = {}
-        self._owns_ray = False
-        self._temp_dir: str | None = None
+        self._shutdown: Callable[[], None] | None = None  # set when this backend started Ray
         self._placement_groups: list[PlacementGroup] = []
         self.placement: dict[tuple[int, int], dict] = {}
         self._gens = [0] * self.config.block_groups
@@ -111,27 +109,9 @@ class RayBackend:
 
     # ------------------------------------------------------------------ cluster and actors
     def _connect(self) -> None:
-        cfg = self.config
-        if ray.is_initialized():
-            if cfg.address is not None:
-                logger.info("Ray is already initialised: ignoring address %r", cfg.address)
-            return
-        if cfg.address is None:
-            default_auth_mode()
-            self._temp_dir = cfg.temp_dir or private_temp_dir()
-            ray.init(
-                address="local",
-                num_cpus=available_cpus() if cfg.num_cpus is None else cfg.num_cpus,
-                num_gpus=cfg.num_gpus,
-                object_store_memory=None
-                if cfg.object_store_mb is None
-                else int(cfg.object_store_mb * 2**20),
-                include_dashboard=False,
-                _temp_dir=self._temp_dir,
-            )
-        else:
-            ray.init(address=cfg.address)
-        self._owns_ray = True
+        stop = connect(self.config)
+        if stop is not None:
+            self._shutdown = stop
 
     def _start_actors(self) -> None:
         cfg = self.config
@@ -478,9 +458,6 @@ class RayBackend:
             for pg in self._placement_groups:
                 remove_placement_group(pg)
         self.actors, self.placement, self._placement_groups = [], {}, []
-        if self._owns_ray and ray.is_initialized():
-            ray.shutdown()
-            if self._temp_dir is not None:  # this job's own session dir
-                shutil.rmtree(self._temp_dir, ignore_errors=True)
-        self._owns_ray = False
-        self._temp_dir = None
+        if self._shutdown is not None:
+            self._shutdown()
+            self._shutdown = None
