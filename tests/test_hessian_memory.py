@@ -60,7 +60,7 @@ def test_budget_below_one_graph_fails_before_any_work_and_the_fixes_work(make_pr
         analyze(prob.model, prob.loss_fn, prob.batches, config, on_row=rows.append, progress=False)
     message = str(info.value)
     assert message.startswith(f"memory_budget_mb={budget_mb:g} cannot hold one Hessian batch")
-    assert f"~{need / MB:.3g} MB for a batch of 7" in message
+    assert f"~{need / MB:.3g} MB for a batch of 7" in message  # < 100 MB: 3 significant digits
     assert "Fix: lower the Hessian batch size to <= 4 or raise memory_budget_mb to >=" in message
     assert rows == [] and seen == [1]  # only the estimate's one-sample forward ran
     assert all(m.training for m in prob.model.modules())  # train mode restored
@@ -90,5 +90,12 @@ def test_check_names_the_given_keys_and_drops_an_impossible_batch_fix() -> None:
         "~74 MB for a batch of 32 (2 MB per sample + 10 MB of gradients). "
         "Fix: lower data.hessian_batch_size to <= 5 or raise hessian.memory_budget_mb to >= 74"
     )
+    resnet50_like = GraphMemory(per_sample_bytes=80 * MB, fixed_bytes=100 * MB)
+    with pytest.raises(MemoryBudgetError) as info:
+        check_memory_budget(resnet50_like, 128, 4096)
+    assert "~10340 MB for a batch of 128 (80 MB per sample + 100 MB of gradients)" in str(
+        info.value
+    )
+    assert str(info.value).endswith("to <= 49 or raise memory_budget_mb to >= 10340")
     with pytest.raises(MemoryBudgetError, match=r"Fix: raise memory_budget_mb to >= 12$"):
         check_memory_budget(memory, 1, 5)  # not even one sample fits: only the raise

@@ -15,7 +15,7 @@ tensors counted (``saved_tensors_hooks``, the operator's own measurement), split
 
 so a batch of ``n`` needs ``n * per_sample_bytes + fixed_bytes`` (slightly above the measured
 size, since a few saved per-channel tensors do not grow with ``n``). For torchvision's
-ResNet-50 at 224x224 in float32 that is ~81 MB per sample + ~98 MB
+ResNet-50 at 224x224 in float32 that is ~82 MB per sample + ~97 MB
 (docs/benchmarks/imagenet_scale.md compares it with the peak RSS).
 """
 
@@ -104,10 +104,16 @@ def check_memory_budget(
     lower = f"lower {batch_key} to <= {fits} or " if fits >= 1 else ""
     raise MemoryBudgetError(
         f"{key}={budget_mb:g} cannot hold one Hessian batch's first-order graph: "
-        f"~{need / MB:.3g} MB for a batch of {batch_size} ({memory.per_sample_bytes / MB:.3g} MB "
-        f"per sample + {memory.fixed_bytes / MB:.3g} MB of gradients). "
+        f"~{_mb(need)} MB for a batch of {batch_size} ({_mb(memory.per_sample_bytes)} MB per "
+        f"sample + {_mb(memory.fixed_bytes)} MB of gradients). "
         f"Fix: {lower}raise {key} to >= {_round_up(need / MB):g}"
     )
+
+
+def _mb(nbytes: float) -> str:
+    """Megabytes with 3 significant digits, never in exponent notation."""
+    mb = nbytes / MB
+    return f"{mb:.0f}" if mb >= 100 else f"{mb:.3g}"
 
 
 def _round_up(x: float) -> float:
