@@ -7,6 +7,7 @@ Each failure is a :class:`~pipeline.config.ConfigError` or
 from __future__ import annotations
 
 import json
+import logging
 import os
 import uuid
 from pathlib import Path
@@ -22,8 +23,11 @@ from pipeline.data_factory import FactoryData
 from pipeline.store import LAUNCH_DIR, RunStore
 from pipeline.user_code import check_imports
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "check_extras",
+    "check_hessian_memory",
     "check_identity",
     "check_imports",
     "check_run_dir",
@@ -174,3 +178,29 @@ def preflight(cfg: RunConfig, data: DataBundle | FactoryData, device: torch.devi
     if not blocks:
         raise ConfigError("model", f"{cfg.model.name} has no Conv/Linear layers to quantize")
     check_feasibility(cfg, model, blocks, example[:1])
+    check_hessian_memory(cfg, model, blocks, (example, target))
+
+
+def check_hessian_memory(cfg: RunConfig, model, blocks, example) -> None:
+    """The Hessian memory budget holds one batch's first-order graph (measured on one sample)."""
+    from hawq.hessian.memory import MemoryBudgetError, check_memory_budget, estimate_graph_memory
+    from hawq.hessian.operator import HessianError
+    from pipeline.models import loss_fn_for
+
+    ray_budget = cfg.backend.kind == "ray" and cfg.backend.memory_budget_mb is not None
+    key = "backend.memory_budget_mb" if ray_budget else "hessian.memory_budget_mb"
+    budget_mb = cfg.backend.memory_budget_mb if ray_budget else cfg.hessian.memory_budget_mb
+    if not budget_mb:  # null: no cap; 0: no caching on purpose
+        return
+    dtype = torch.float64 if cfg.hessian.dtype == "float64" else torch.float32
+    x, y = example
+    try:
+        memory = estimate_graph_memory(model.to(dtype), loss_fn_for(cfg), (x.to(dtype), y), blocks)
+    except (HessianError, RuntimeError) as exc:  # the hessian stage diagnoses these
+        log.debug("hessian memory check skipped: %s", exc)
+        return
+    batch = min(cfg.data.hessian_batch_size, cfg.data.hessian_samples)
+    try:
+        check_memory_budget(memory, batch, budget_mb, key=key, batch_key="data.hessian_batch_size")
+    except MemoryBudgetError as exc:
+        raise ConfigError(key, str(exc).removeprefix(f"{key}=")) from None

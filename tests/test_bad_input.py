@@ -92,6 +92,19 @@ CASES: dict[str, tuple[Setup, list[str]]] = {
         lambda t, f: _run(t, {"allocation": {"candidate_bits": [4, 8], "compression": 40.0}}),
         ["compression 40.0x is infeasible", "lower compression to <= 8"],
     ),
+    "hessian memory budget below one batch's graph": (
+        lambda t, f: _run(t, {"hessian": {"memory_budget_mb": 0.05}}),
+        [
+            "hessian.memory_budget_mb: 0.05 cannot hold one Hessian batch's first-order graph",
+            "for a batch of 64",
+            "Fix: lower data.hessian_batch_size to <= ",
+            "or raise hessian.memory_budget_mb to >= ",
+        ],
+    ),
+    "ray per-actor memory budget below one batch's graph": (
+        lambda t, f: _run(t, {"backend": {"kind": "ray", "memory_budget_mb": 0.001}}),
+        ["backend.memory_budget_mb: 0.001 cannot hold", "raise backend.memory_budget_mb to >= "],
+    ),
     "unknown model": (
         lambda t, f: _run(t, {"model": {"name": "resnet999"}}),
         ["model.name: 'resnet999' is not a model", "use one of cifar_resnet20"],

@@ -1,6 +1,7 @@
 """Block Hessian analysis: HVP operator, eigen and trace solvers, the sensitivity table.
 
-``operator`` (block-restricted HVPs; ``double_backward`` and ``backward_support`` serve it),
+``operator`` (block-restricted HVPs; ``double_backward`` and ``backward_support`` serve it;
+``memory`` estimates one batch's graph and checks the budget),
 ``eigen`` (power iteration, Lanczos, deflation), ``trace`` (Hutchinson) and ``table``
 (``HessianConfig``, ``analyze`` -> one row per block). This package re-exports their public
 names.
@@ -8,6 +9,12 @@ names.
 
 from hawq.hessian.backward_support import find_double_backward_failures
 from hawq.hessian.eigen import EigenResult, lanczos, power_iteration, top_k
+from hawq.hessian.memory import (
+    GraphMemory,
+    MemoryBudgetError,
+    check_memory_budget,
+    estimate_graph_memory,
+)
 from hawq.hessian.operator import HessianError, HessianOperator
 from hawq.hessian.table import (
     EIGEN_COLUMNS,
@@ -31,13 +38,17 @@ __all__ = [
     "SENSITIVITY_SCHEMA",
     "TRACE_COLUMNS",
     "EigenResult",
+    "GraphMemory",
     "HessianConfig",
     "HessianError",
     "HessianOperator",
+    "MemoryBudgetError",
     "TraceResult",
     "analyze",
     "block_eigen_row",
+    "check_memory_budget",
     "eigen_row",
+    "estimate_graph_memory",
     "find_double_backward_failures",
     "hutchinson",
     "lanczos",

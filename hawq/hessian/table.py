@@ -31,6 +31,7 @@ from torch import nn
 
 from hawq.blocks import Block, partition_blocks
 from hawq.hessian.eigen import METHODS, EigenResult, top_k
+from hawq.hessian.memory import check_memory_budget, estimate_graph_memory
 from hawq.hessian.operator import Batch, HessianOperator, LossFn
 from hawq.hessian.trace import hutchinson, probe_sample
 from hawq.hessian.trace_deflated import TRACE_METHODS, Deflation
@@ -86,7 +87,8 @@ class HessianConfig:
     trace_min_probes: int = 10
     seed: int = 0
     memory_budget_mb: float | None = 4096.0
-    """Cap on cached first-order graphs; ``None`` caches every batch, ``0`` none."""
+    """Cap on cached first-order graphs; ``None`` caches every batch, ``0`` none (each HVP
+    rebuilds them). A positive cap below one batch's graph is an error before any work."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -278,11 +280,15 @@ def analyze(
     on_row: called with each newly computed eigen row (not for ``done`` rows), e.g. to
         persist it; trace columns are added to the table after all eigen rows.
     probes / on_probe: the same for the Hutchinson probes (``{probe: {block: sample}}``).
+
+    A positive ``config.memory_budget_mb`` that cannot hold one batch's first-order graph is a
+    ``hawq.hessian.memory.MemoryBudgetError`` (a ``ValueError``) before any work.
     """
     config = HessianConfig() if config is None else config
     if not isinstance(config, HessianConfig):
         raise ValueError(f"config must be a HessianConfig, got {type(config).__name__}")
     blocks = list(partition_blocks(model, grouping=grouping) if blocks is None else blocks)
+    batches = list(batches)
     done = done or {}
     rows: dict[str, dict] = {}
     deflate = config.trace and config.trace_method == "deflated"
@@ -290,6 +296,10 @@ def analyze(
     with HessianOperator(
         model, loss_fn, batches, blocks, memory_budget_bytes=config.memory_budget_bytes
     ) as op:
+        if config.memory_budget_mb:  # batches validated by the operator, no graph built yet
+            memory = estimate_graph_memory(model, loss_fn, batches[0], blocks)
+            largest = max(x.shape[0] for x, _ in batches)
+            check_memory_budget(memory, largest, config.memory_budget_mb)
         todo = [b for b in blocks if b.name not in done]
         bar = progress_bar(
             total=len(blocks),

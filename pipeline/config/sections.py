@@ -70,7 +70,8 @@ class HessianSection(Section):
     seed: int = 0
     """Seed of the eigen start vectors and the Rademacher probes."""
     memory_budget_mb: float | None = 4096.0
-    """Cap on cached first-order graphs; null = cache every batch, 0 = rebuild for each HVP."""
+    """Cap on cached first-order graphs; null = cache every batch, 0 = rebuild for each HVP.
+    Must hold one batch's graph (checked before any work; ResNet-50 at 224: ~82 MB/sample)."""
     grouping: Literal["layer", "residual", "inverted_residual", "fire"] = "layer"
     """Blocks: each Conv/Linear layer, or each residual / inverted-residual / fire module."""
     patterns: tuple[tuple[str, ...], ...] = ()

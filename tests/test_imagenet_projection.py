@@ -1,0 +1,89 @@
+"""The ResNet-50 projection arithmetic (benchmarks/imagenet_projection.py), hand-computed."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import imagenet_projection as proj  # noqa: E402
+
+MB = 2**20
+
+
+def _costs() -> proj.Costs:
+    # batch of 4 samples; one gradient takes 2 s, i.e. 2 images/s on this device
+    return proj.Costs(
+        batch=4, grad=2.0, hvp={"a": 1.0, "b": 0.5}, rebuild={"a": 3.0}, build=2.0, joint=4.0,
+        rebuild_joint=6.0, lanczos={"a": 10, "b": 6}, block_params={"a": 100, "b": 50},
+        per_sample_bytes=10 * MB, fixed_bytes=5 * MB, float_step=3.0, qat_step=4.0,
+        eval_float=1.0, eval_qat=1.5,
+    )  # fmt: skip
+
+
+def test_all_cached_on_one_device_is_hvps_times_samples():
+    c = _costs()
+    t = proj.Target(name="x", devices=1, grad_images_per_s=2.0, graph_memory_bytes=10**12)
+    w = proj.Workload(samples=8, trace_probes=3)
+    a = proj.analysis_seconds(c, t, w)
+    # per sample an HVP of block a costs 1/2 gradient = 1/4 s: 10 HVPs x 8 samples x 1/4 s
+    assert a["cached_fraction"] == 1.0
+    assert a["eigen"] == pytest.approx(10 * 8 * 0.25 + 6 * 8 * 0.125)
+    assert a["trace"] == pytest.approx(3 * 8 * 1.0)  # a joint HVP: 2 gradients = 1 s/sample
+    assert a["build"] == pytest.approx(8 * 0.5) and a["comm"] == 0.0
+    assert a["total"] == pytest.approx(20 + 6 + 24 + 4)
+
+
+def test_memory_limits_the_cached_batches_and_the_rest_is_rebuilt():
+    c = _costs()
+    # room for (45 - 5) / 10 = 4 samples = 1 batch of the 8 samples
+    t = proj.Target(name="x", devices=1, grad_images_per_s=2.0, graph_memory_bytes=45 * MB)
+    a = proj.analysis_seconds(c, t, proj.Workload(samples=8, trace_probes=1))
+    assert a["cached_fraction"] == 0.5
+    # block b's rebuild: its HVP + the mean extra of the measured rebuilds (3 - 1 = 2 s)
+    assert a["eigen"] == pytest.approx(10 * (4 * 0.25 + 4 * 0.75) + 6 * (4 * 0.125 + 4 * 0.625))
+    assert a["trace"] == pytest.approx(4 * 1.0 + 4 * 1.5)
+
+
+def test_devices_split_the_samples_and_pay_a_ring_allreduce_per_hvp():
+    c = _costs()
+    one = proj.Target(name="1", devices=1, grad_images_per_s=2.0, graph_memory_bytes=10**12)
+    two = proj.Target(name="2", devices=2, grad_images_per_s=2.0, graph_memory_bytes=10**12,
+                 allreduce_bytes_per_s=1e3, allreduce_latency_s=0.5)  # fmt: skip
+    w = proj.Workload(samples=8, trace_probes=3)
+    a1, a2 = proj.analysis_seconds(c, one, w), proj.analysis_seconds(c, two, w)
+    assert a2["eigen"] == pytest.approx(a1["eigen"] / 2)
+    # 16 + 3 all-reduces; ring moves 2 (D-1)/D = 1x the bytes: (10*100 + 6*50 + 3*150) * 4
+    assert a2["comm"] == pytest.approx(19 * 0.5 + (1000 + 300 + 450) * 4 / 1e3)
+    half = proj.Target(name="2", devices=2, grad_images_per_s=2.0, graph_memory_bytes=10**12,
+                  efficiency=0.5, allreduce_latency_s=0.0)  # fmt: skip
+    assert proj.analysis_seconds(c, half, w)["eigen"] == pytest.approx(a1["eigen"])
+
+
+def test_pipeline_epochs_and_the_input_pipeline_cap():
+    c = _costs()
+    t = proj.Target(name="x", devices=1, grad_images_per_s=2.0, graph_memory_bytes=10**12)
+    w = proj.Workload(train_images=100, eval_images=10, qat_stages=2, eval_float_passes=1,
+                 eval_qat_passes=2)  # fmt: skip
+    p = proj.pipeline_seconds(c, t, w, analysis=7.0)
+    # a float step is 1.5 gradients: 100 images x 1.5 / 2 images/s; QAT 2 gradients
+    assert p["baseline (1 float epoch)"] == pytest.approx(75.0)
+    assert p["finetune (2 QAT epochs)"] == pytest.approx(2 * 100.0)
+    assert p["evaluation (3 passes)"] == pytest.approx((0.5 + 2 * 0.75) * 10 / 2)
+    assert p["total"] == pytest.approx(75 + 200 + 10 + 7)
+    slow = proj.Target(name="x", devices=1, grad_images_per_s=2.0, graph_memory_bytes=10**12,
+                  loader_images_per_s=0.5)  # fmt: skip
+    assert proj.pipeline_seconds(c, slow, w, 0.0)["baseline (1 float epoch)"] == pytest.approx(
+        200.0
+    )
+
+
+def test_hms():
+    assert (proj.hms(45), proj.hms(90), proj.hms(3 * 3600 + 61)) == (
+        "45 s",
+        "1.5 min",
+        "3 h 01 min",
+    )
