@@ -9,6 +9,7 @@ the fraction of target elements equal to the argmax over dim 1, and NaN for othe
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator
 
@@ -28,23 +29,36 @@ def _tensor_batches(
     batch_size: int,
     generator: torch.Generator | None,
     drop_last: bool = False,
+    start: int = 0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     x, y = data
     n = x.shape[0]
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-    for i in range(0, n - n % batch_size if drop_last else n, batch_size):
+    for i in range(start * batch_size, n - n % batch_size if drop_last else n, batch_size):
         j = order[i : i + batch_size]
         yield x[j], y[j]
 
 
-def batches(data: Data, batch_size: int, gen: torch.Generator, shuffle: bool, drop_last: bool):
-    """``(x, y)`` batches of ``data``: tensors are cut here (shuffled by ``gen``), a callable
-    ``data(gen)`` yields its own batches (e.g. a ``DataLoader`` over a ``Dataset``)."""
+def batches(
+    data: Data,
+    batch_size: int,
+    gen: torch.Generator,
+    shuffle: bool,
+    drop_last: bool,
+    start: int = 0,
+):
+    """``(x, y)`` batches of ``data`` from batch ``start`` on: tensors are cut here (shuffled by
+    ``gen``), a callable ``data(gen)`` yields its own batches (e.g. a ``DataLoader`` over a
+    ``Dataset``). A callable that also has ``from_step(gen, start)`` (the same batches minus
+    the first ``start``, e.g. ``pipeline.batching.ShuffledBatches``) skips without producing
+    them; otherwise the first ``start`` batches of ``data(gen)`` are drawn and dropped."""
     if callable(data):
-        return data(gen)
+        if start and hasattr(data, "from_step"):
+            return data.from_step(gen, start)
+        return itertools.islice(data(gen), start, None) if start else data(gen)
     if not (isinstance(data, tuple | list) and len(data) == 2):
         raise ValueError("data must be a tuple (X, y) of tensors or a callable(generator)")
-    return _tensor_batches(tuple(data), batch_size, gen if shuffle else None, drop_last)
+    return _tensor_batches(tuple(data), batch_size, gen if shuffle else None, drop_last, start)
 
 
 def task_loss(out: torch.Tensor, y: torch.Tensor, loss_fn: LossFn | None) -> torch.Tensor:

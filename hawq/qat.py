@@ -378,9 +378,8 @@ def _train_epoch(
     if partial is not None:  # resumed mid-epoch: same order, the first `skip` batches done
         tot, correct, total, n = partial["tot"], partial["correct"], partial["total"], partial["n"]
         classification, skip = partial["classification"], partial["step"]
-    for k, (xb, yb) in enumerate(batches(train_data, cfg.batch_size, gen, True, cfg.drop_last)):
-        if k < skip:
-            continue
+    epoch = batches(train_data, cfg.batch_size, gen, True, cfg.drop_last, start=skip)
+    for k, (xb, yb) in enumerate(epoch, start=skip):  # resumed: the first `skip` not drawn
         xb, yb = xb.to(dev), yb.to(dev)
         out = model(xb)
         t_out = None
