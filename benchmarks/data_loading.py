@@ -1,13 +1,14 @@
 """Streaming ImageFolder: decode throughput vs DataLoader workers, prepare cost vs image count.
 
-1. images/s of one training pass (RandomResizedCrop + flip to 224x224, batches of 64, uint8
-   until normalised in float32) over generated ImageNet-sized JPEGs (sides 300..500), for
-   ``num_workers`` 0, 1, 2, read from the folder and from a ``hawq pack-data`` pack;
+1. images/s of a training pass (median of ``--repeats`` epochs; RandomResizedCrop + flip to
+   224x224, batches of 64, uint8 until normalised in float32) over generated ImageNet-sized
+   JPEGs (sides 300..500), for ``num_workers`` 0, 1, 2, from the folder and from a pack;
 2. ``prepare`` (``load_data``: listing, splits, fingerprint, the Hessian set decoded) at 200 and
-   2,000 images, each in a fresh process: wall time and peak RSS side by side with their
-   ratios, streaming and (for contrast) decoded into RAM.
+   2,000 images, each in fresh processes (median of ``--repeats``): wall time and peak RSS
+   side by side with their ratios, streaming and (for contrast) decoded into RAM.
 
-    python benchmarks/data_loading.py [--images 384] [--workers 0 1 2] [--dir /tmp/hawq-bench]
+    python benchmarks/data_loading.py [--images 384] [--workers 0 1 2] [--repeats 3]
+        [--dir /tmp/hawq-data-bench]
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -58,7 +60,8 @@ def write_jpegs(root: Path, n: int, sides: tuple[int, int], seed: int = 0) -> Pa
     return root
 
 
-def throughput(path: Path, workers: int, batch: int) -> float:
+def throughput(path: Path, workers: int, batch: int, passes: int) -> float:
+    """Median images/s of ``passes`` training passes (epochs 0, 1, ...)."""
     from pipeline.config.inputs import DataConfig
     from pipeline.data import load_data
 
@@ -67,17 +70,24 @@ def throughput(path: Path, workers: int, batch: int) -> float:
         streaming=True, augment=True, num_workers=workers,
     )  # fmt: skip
     data = load_data(cfg)
-    t0, n = time.perf_counter(), 0
-    for _, y in data.train_batches(batch, seed=0):
-        n += len(y)
-    return n / (time.perf_counter() - t0)
+    rates = []
+    for epoch in range(passes):
+        t0, n = time.perf_counter(), 0
+        for _, y in data.train_batches(batch, seed=0, epoch=epoch):
+            n += len(y)
+        rates.append(n / (time.perf_counter() - t0))
+    return statistics.median(rates)
 
 
-def prepare(path: Path, mode: str) -> dict:
+def prepare(path: Path, mode: str, repeats: int) -> dict:
+    """Median seconds and peak RSS of ``repeats`` fresh processes running ``load_data``."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    out = subprocess.run([sys.executable, "-c", PREPARE, str(path), mode], env=env,
-                         capture_output=True, text=True, check=True)  # fmt: skip
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    runs = []
+    for _ in range(repeats):
+        out = subprocess.run([sys.executable, "-c", PREPARE, str(path), mode], env=env,
+                             capture_output=True, text=True, check=True)  # fmt: skip
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return {k: statistics.median(r[k] for r in runs) for k in ("seconds", "rss_mb")}
 
 
 def main() -> None:
@@ -85,6 +95,7 @@ def main() -> None:
     p.add_argument("--images", type=int, default=384, help="training JPEGs for the throughput")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3, help="passes / processes per figure (median)")
     p.add_argument("--dir", default="/tmp/hawq-data-bench")
     args = p.parse_args()
     import torch
@@ -102,15 +113,16 @@ def main() -> None:
           f"({kb:.0f} KB each) -> RandomResizedCrop 224 + flip, batch {args.batch}")  # fmt: skip
     print("\n| num_workers | folder images/s | pack images/s |\n| --- | --- | --- |")
     for w in args.workers:
-        folder, pack = throughput(big, w, args.batch), throughput(packed, w, args.batch)
+        folder, pack = (throughput(d, w, args.batch, args.repeats) for d in (big, packed))
         print(f"| {w} | {folder:.0f} | {pack:.0f} |")
     small_dir = write_jpegs(base / "prep200", 200, (64, 128))
     large_dir = write_jpegs(base / "prep2000", 2000, (64, 128))
-    print("\nprepare (load_data in a fresh process; 224 px, 32 Hessian images decoded)\n")
+    print("\nprepare (load_data in a fresh process: listing, splits, fingerprint, 32 Hessian "
+          "images decoded at 224 px; median of the processes)\n")  # fmt: skip
     print("| mode | 200 images: s, peak RSS MB | 2,000 images: s, peak RSS MB | ratio time, RSS |")
     print("| --- | --- | --- | --- |")
     for mode in ("stream", "ram"):
-        a, b = prepare(small_dir, mode), prepare(large_dir, mode)
+        a, b = prepare(small_dir, mode, args.repeats), prepare(large_dir, mode, args.repeats)
         name = "streaming" if mode == "stream" else "in RAM"
         ratio = f"{b['seconds'] / a['seconds']:.2f}x, {b['rss_mb'] / a['rss_mb']:.2f}x"
         print(f"| {name} | {a['seconds']:.2f}, {a['rss_mb']:.0f} "

@@ -234,7 +234,8 @@ def run_qat(
     ``on_step(global_epoch, steps_done, capture)`` runs after every optimizer step;
     ``capture()`` returns the mid-epoch :class:`QATState` (model, optimizer, RNG, the epoch's
     running sums and its step): resumed from, the epoch redraws its data order from its seed,
-    skips the ``steps_done`` batches already trained on and ends bit-identically.
+    skips the ``steps_done`` batches already trained on (without producing them when the data
+    callable has ``from_step``, see :func:`hawq.metrics.batches`) and ends bit-identically.
     """
     stages = [list(s) for s in stages]
     if not stages or any(not s for s in stages):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import shutil
 from pathlib import Path
 
@@ -64,6 +65,7 @@ def test_pack_reads_back_as_the_folders_batches(folder, tmp_path, capsys):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
     for (x1, y1), (x2, y2) in zip(a.hessian, b.hessian, strict=True):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    b = pickle.loads(pickle.dumps(b))  # e.g. sent to a data-parallel worker: shards reopen
     whole = list(a.train_batches(16, seed=4, epoch=3))
     resumed = b.train_batches(16, seed=4, epoch=3, start_step=2)
     assert all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(whole[2:], resumed, strict=True))
