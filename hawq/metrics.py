@@ -9,6 +9,7 @@ the fraction of target elements equal to the argmax over dim 1, and NaN for othe
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator
 
@@ -30,11 +31,12 @@ def _tensor_batches(
     batch_size: int,
     generator: torch.Generator | None,
     drop_last: bool = False,
+    start: int = 0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     x, y = data
     n = x.shape[0]
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-    for i in range(0, n - n % batch_size if drop_last else n, batch_size):
+    for i in range(start * batch_size, n - n % batch_size if drop_last else n, batch_size):
         j = order[i : i + batch_size]
         yield x[j], y[j]
 
@@ -52,26 +54,35 @@ def batches(
     shuffle: bool,
     drop_last: bool,
     *,
+    start: int = 0,
     rank: int = 0,
     world_size: int = 1,
 ) -> Batches:
-    """``(x, y)`` batches of ``data``: tensors are cut here (shuffled by ``gen``), a callable
-    ``data(gen)`` yields its own batches (e.g. a ``DataLoader`` over a ``Dataset``).
+    """``(x, y)`` batches of ``data`` from global batch ``start`` on: tensors are cut here
+    (shuffled by ``gen``), a callable ``data(gen)`` yields its own batches (e.g. a ``DataLoader``
+    over a ``Dataset``).
 
-    With ``world_size > 1`` each global batch is cut to rank ``rank``'s contiguous slice
-    (:func:`hawq.data_parallel.rank_slice`); a callable with a true ``sharded`` attribute is
-    called as ``data(gen, rank=rank, world_size=world_size)`` and yields its slices itself
-    (a streaming source that reads only its own share).
+    Resuming (``start > 0``): a callable that also has ``from_step(gen, start)`` (e.g.
+    ``pipeline.batching.ShuffledBatches``) skips without producing the first ``start`` batches;
+    otherwise they are drawn and dropped.
+    Data parallelism (``world_size > 1``): each global batch is cut to rank ``rank``'s contiguous
+    slice (:func:`hawq.data_parallel.rank_slice`); a callable with a true ``sharded`` attribute
+    takes ``rank=``/``world_size=`` keywords and yields only its slices (a streaming source
+    that decodes only its own share).
     """
     if callable(data):
-        if world_size == 1:
-            return data(gen)
-        if getattr(data, "sharded", False):
-            return data(gen, rank=rank, world_size=world_size)
-        return _rank_slices(data(gen), rank, world_size)
+        kw = {}
+        if world_size > 1 and getattr(data, "sharded", False):
+            kw = {"rank": rank, "world_size": world_size}
+        if start and hasattr(data, "from_step"):
+            out = data.from_step(gen, start, **kw)
+        else:
+            out = data(gen, **kw)
+            out = itertools.islice(out, start, None) if start else out
+        return out if kw or world_size == 1 else _rank_slices(out, rank, world_size)
     if not (isinstance(data, tuple | list) and len(data) == 2):
         raise ValueError("data must be a tuple (X, y) of tensors or a callable(generator)")
-    cut = _tensor_batches(tuple(data), batch_size, gen if shuffle else None, drop_last)
+    cut = _tensor_batches(tuple(data), batch_size, gen if shuffle else None, drop_last, start)
     return cut if world_size == 1 else _rank_slices(cut, rank, world_size)
 
 

@@ -250,7 +250,8 @@ def run_qat(
     ``on_step(global_epoch, steps_done, capture)`` runs after every optimizer step;
     ``capture()`` returns the mid-epoch :class:`QATState` (model, optimizer, RNG, the epoch's
     running sums and its step): resumed from, the epoch redraws its data order from its seed,
-    skips the ``steps_done`` batches already trained on and ends bit-identically.
+    skips the ``steps_done`` batches already trained on (without producing them when the data
+    callable has ``from_step``, see :func:`hawq.metrics.batches`) and ends bit-identically.
     """
     stages = [list(s) for s in stages]
     if not stages or any(not s for s in stages):
@@ -398,11 +399,10 @@ def _train_epoch(
         tot, correct, total, n = partial["tot"], partial["correct"], partial["total"], partial["n"]
         classification, skip = partial["classification"], partial["step"]
     cut = batches(
-        train_data, cfg.batch_size, gen, True, cfg.drop_last, rank=rank, world_size=world_size
-    )
-    for k, (xb, yb) in enumerate(cut):
-        if k < skip:
-            continue
+        train_data, cfg.batch_size, gen, True, cfg.drop_last,
+        start=skip, rank=rank, world_size=world_size,
+    )  # fmt: skip
+    for k, (xb, yb) in enumerate(cut, start=skip):  # resumed: the first `skip` not drawn
         xb, yb = xb.to(dev), yb.to(dev)
         out = model(xb)
         t_out = None

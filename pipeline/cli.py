@@ -1,4 +1,4 @@
-"""The ``hawq`` command: run, config, resume, status, report, export.
+"""The ``hawq`` command: run, config, resume, status, report, export, pack-data.
 
 Exit codes: 0 ok; 2 bad input (config, data, checkpoint, run dir, arguments), with a one-line
 message on stderr that names the problem and the fix; 1 an unexpected error (traceback).
@@ -118,6 +118,14 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--format", default="safetensors", help="safetensors (default) or onnx")
     r.add_argument("--finish", action="store_true", help="first run the stages not yet done")
     r.add_argument("--check", action="store_true", help="onnx: compare with PyTorch on eval data")
+
+    r = command("pack-data", "pack an ImageFolder into Parquet shards (data.path of a run)")
+    r.add_argument("src_dir", metavar="SRC_DIR", help="ImageFolder root: <split>/<class>/<image>")
+    r.add_argument("out_dir", metavar="OUT_DIR", help="new (or empty) folder for the pack")
+    r.add_argument("--shard-size", type=int, default=1024, metavar="N",
+                   help="images per shard (default 1024)")  # fmt: skip
+    r.add_argument("--bad-images", choices=("fail", "skip"), default="fail",
+                   help="empty or non-image files: fail (default) or leave them out")  # fmt: skip
     return p
 
 
@@ -236,6 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipeline.atomic import StoreError
     from pipeline.backends.ray import default_auth_mode
     from pipeline.config import ConfigError
+    from pipeline.pack_data import PackError
 
     default_auth_mode()  # before any Ray cluster is started or joined
 
@@ -272,7 +281,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(report(args.run_dir, args.out))
         elif args.command == "export":
             _cmd_export(args, progress)
-    except (ConfigError, StoreError, _BadArgs, MissingExtra) as exc:
+        elif args.command == "pack-data":
+            from pipeline.pack_data import pack_data
+
+            manifest = pack_data(
+                args.src_dir, args.out_dir, shard_size=args.shard_size, bad_images=args.bad_images
+            )
+            for split, info in sorted(manifest["splits"].items()):
+                print(f"{split}: {info['count']} images, {len(info['shards'])} shard(s)")
+            print(args.out_dir)
+    except (ConfigError, StoreError, _BadArgs, MissingExtra, PackError) as exc:
         print(f"hawq: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

@@ -19,10 +19,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from pipeline.batching import BatchSource
 from pipeline.config.sections import DataConfig, ModelConfig
 
 if TYPE_CHECKING:
     from pipeline.data_factory import FactoryData
+    from pipeline.data_images import StreamingImages
 from pipeline.config.strict import ConfigError
 from pipeline.data_sources import (
     Source,
@@ -31,7 +33,6 @@ from pipeline.data_sources import (
     read_digits,
     read_fashion_mnist,
     read_idx,
-    read_imagefolder,
     read_synthetic,
 )
 
@@ -58,8 +59,9 @@ Data = tuple[torch.Tensor, torch.Tensor] | Callable[[torch.Generator], Iterable[
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
-class DataBundle:
-    """Normalised float32 ``(N, C, H, W)`` images and int64 labels of every split.
+class DataBundle(BatchSource):
+    """Normalised float32 ``(N, C, H, W)`` images and int64 labels of every split; batches
+    as in :mod:`pipeline.batching` (``train_batches``, ``eval_batches``, rank slices).
 
     ``*_index`` are positions in the source split (train pool: the training split; eval: the test
     split, or the training split for holdout datasets, see ``eval_from_train``).
@@ -83,55 +85,33 @@ class DataBundle:
     location: str
     fingerprint: str
 
-    @property
-    def hessian_samples(self) -> int:
-        return sum(len(y) for _, y in self.hessian)
+    def sizes(self) -> tuple[int, int]:
+        return len(self.train_y), len(self.eval_y)
 
-    @property
-    def n_eval(self) -> int:
-        """Evaluation samples."""
-        return len(self.eval_y)
+    def train_data(self, batch_size: int, *, rank: int = 0, world_size: int = 1) -> Data:
+        """The fine-tuning set as the hawq training loop takes it: the tensors (the loop cuts
+        and shuffles them), or with ``world_size > 1`` rank ``rank``'s slices of the global
+        batches of ``batch_size`` (:class:`pipeline.batching.ShuffledBatches`; same order)."""
+        if world_size == 1 and rank == 0:
+            return self.train_x, self.train_y
+        return self.shuffled(batch_size, rank, world_size)
 
-    def train_data(self, batch_size: int) -> Data:
-        """The fine-tuning set as the hawq training loop takes it (tensors; it cuts batches)."""
-        del batch_size  # the loop cuts tensors with its own batch size
-        return self.train_x, self.train_y
-
-    def eval_data(self, batch_size: int) -> Data:
-        """The evaluation set as ``hawq.evaluate`` and the training loop take it."""
-        del batch_size
-        return self.eval_x, self.eval_y
+    def eval_data(self, batch_size: int, *, rank: int = 0, world_size: int = 1) -> Data:
+        """The evaluation set as ``hawq.evaluate`` and the training loop take it (tensors, or
+        rank ``rank``'s slices of the batches in order with ``world_size > 1``)."""
+        if world_size == 1 and rank == 0:
+            return self.eval_x, self.eval_y
+        return self.ordered(batch_size, rank, world_size)
 
     def example(self, n: int = 1) -> torch.Tensor:
         """The first ``n`` evaluation inputs (shape probes, size and BOPs counts)."""
         return self.eval_x[:n]
 
-    def train_batches(self, batch_size: int, *, seed: int, epoch: int = 0) -> Iterator[Batch]:
-        """Shuffled fine-tuning batches; the order is a pure function of (seed, epoch)."""
-        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
-        perm = torch.randperm(len(self.train_y), generator=g)
-        for i in range(0, len(perm), batch_size):
-            idx = perm[i : i + batch_size]
-            yield self.train_x[idx], self.train_y[idx]
+    def _take_train(self, slices: Iterator[np.ndarray], gen: torch.Generator) -> Iterator[Batch]:
+        return ((self.train_x[j], self.train_y[j]) for j in map(torch.from_numpy, slices))
 
-    def eval_batches(self, batch_size: int) -> Iterator[Batch]:
-        """Evaluation batches in order."""
-        for i in range(0, len(self.eval_y), batch_size):
-            yield self.eval_x[i : i + batch_size], self.eval_y[i : i + batch_size]
-
-    def summary(self) -> dict[str, object]:
-        """Sizes and provenance, for manifests and logs."""
-        return {
-            "name": self.name,
-            "train": len(self.train_y),
-            "eval": len(self.eval_y),
-            "hessian": self.hessian_samples,
-            "hessian_batches": len(self.hessian),
-            "num_classes": self.num_classes,
-            "shape": [self.in_channels, *self.image_size],
-            "location": self.location,
-            "fingerprint": self.fingerprint,
-        }
+    def _take_eval(self, slices: Iterator[np.ndarray], gen: torch.Generator) -> Iterator[Batch]:
+        return ((self.eval_x[j], self.eval_y[j]) for j in map(torch.from_numpy, slices))
 
 
 def _read(cfg: DataConfig) -> Source:
@@ -146,23 +126,22 @@ def _read(cfg: DataConfig) -> Source:
                 "data.path", f"{cfg.path!r} not found; point it at the npz or batches"
             )
         return read_cifar10(cfg.path)
-    if cfg.name == "imagefolder":
-        return read_imagefolder(cfg)
     return read_synthetic(cfg)
 
 
-def _splits(cfg: DataConfig, src: Source) -> tuple[np.ndarray, np.ndarray, bool]:
-    """(training pool in draw order, evaluation indices, eval drawn from the train split)."""
-    n_train = len(src.train_y)
+def split_indices(
+    cfg: DataConfig, n_train: int, n_test: int | None
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(training pool in draw order, evaluation indices, eval drawn from the train split) of a
+    dataset with ``n_train`` training and ``n_test`` test samples (None: no test split)."""
     perm = np.random.default_rng([cfg.seed, 0]).permutation(n_train)
-    if src.test_y is None:
+    if n_test is None:
         n_eval = cfg.eval_size or round(HOLDOUT_FRACTION * n_train)
         if n_eval >= n_train:
             raise ConfigError(
                 "data.eval_size", f"{n_eval} leaves no training data of {n_train} samples"
             )
         return perm[n_eval:], np.sort(perm[:n_eval]), True
-    n_test = len(src.test_y)
     if cfg.eval_size is None:
         return perm, np.arange(n_test), False
     if cfg.eval_size > n_test:
@@ -171,8 +150,9 @@ def _splits(cfg: DataConfig, src: Source) -> tuple[np.ndarray, np.ndarray, bool]
     return perm, np.sort(pick), False
 
 
-def _check_sizes(cfg: DataConfig, src: Source, pool: np.ndarray, n_eval: int) -> int:
-    """Return how many pool samples to load; fail on sizes the pool or the RAM cannot hold."""
+def pool_sizes(cfg: DataConfig, pool: np.ndarray) -> tuple[int, int]:
+    """(samples to load: fine-tuning and Hessian sets, fine-tuning samples) of the pool; fail
+    on sizes the pool cannot hold."""
     if cfg.hessian_samples > len(pool):
         raise ConfigError(
             "data.hessian_samples",
@@ -182,22 +162,35 @@ def _check_sizes(cfg: DataConfig, src: Source, pool: np.ndarray, n_eval: int) ->
         raise ConfigError(
             "data.train_size", f"{cfg.train_size} exceeds the {len(pool)} training samples"
         )
-    n_load = max(cfg.train_size or len(pool), cfg.hessian_samples)
-    check_memory(n_load + n_eval, src.shape)
-    return n_load
+    n_train = cfg.train_size or len(pool)
+    return max(n_train, cfg.hessian_samples), n_train
 
 
-def _norm_stats(cfg: DataConfig, x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    mode = cfg.normalization
-    if mode == "auto":
-        mode = _AUTO_NORM.get(cfg.name, "dataset")
-    c = x.shape[1]
+def norm_mode(cfg: DataConfig) -> str:
+    """``data.normalization`` with ``auto`` resolved: imagenet, none or dataset."""
+    if cfg.normalization == "auto":
+        return _AUTO_NORM.get(cfg.name or "", "dataset")
+    return cfg.normalization
+
+
+def norm_stats(
+    cfg: DataConfig, x: np.ndarray | None, channels: int
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel (mean, std) of ``data.normalization``; 'dataset' needs the training images
+    ``x`` (float, ``(N, C, H, W)``)."""
+    mode, c = norm_mode(cfg), channels
     if mode == "none":
         return (0.0,) * c, (1.0,) * c
     if mode == "imagenet":
         if c != 3:
             raise ConfigError("data.normalization", f"'imagenet' needs 3 channels, data has {c}")
         return IMAGENET_MEAN, IMAGENET_STD
+    if x is None:
+        raise ConfigError(
+            "data.normalization",
+            "'dataset' needs every training image decoded, which streaming does not do. Fix: "
+            "use 'imagenet' or 'none', or set data.streaming: false",
+        )
     mean = x.mean(axis=(0, 2, 3), dtype=np.float64)
     std = np.maximum(x.std(axis=(0, 2, 3), dtype=np.float64), 1e-8)
     return tuple(float(m) for m in mean), tuple(float(s) for s in std)
@@ -222,13 +215,20 @@ def _fingerprint(name: str, parts: dict[str, torch.Tensor], meta: tuple) -> str:
     return f"{name}-{sizes}-{h.hexdigest()[:16]}"
 
 
-def load_data(cfg: DataConfig) -> DataBundle | FactoryData:
-    """The data ``cfg`` names: a built-in dataset split into tensors, or the user's factory's
-    datasets (streamed, see :mod:`pipeline.data_factory`)."""
+def load_data(
+    cfg: DataConfig, device: torch.device | None = None
+) -> DataBundle | FactoryData | StreamingImages:
+    """The data ``cfg`` names: a built-in dataset split into tensors, an ImageFolder (streamed
+    or decoded into memory, see :mod:`pipeline.data_images`) or the user's factory's datasets
+    (streamed, see :mod:`pipeline.data_factory`). ``device``: where streamed batches go."""
     if cfg.factory is not None:
         from pipeline.data_factory import load_factory_data
 
         return load_factory_data(cfg)
+    if cfg.name == "imagefolder":
+        from pipeline.data_images import load_imagefolder
+
+        return load_imagefolder(cfg, device or torch.device("cpu"))
     return load_builtin(cfg)
 
 
@@ -237,12 +237,13 @@ def load_builtin(cfg: DataConfig) -> DataBundle:
     decoding."""
     assert cfg.name is not None  # DataConfig.check: name or factory
     src = _read(cfg)
-    pool, eval_idx, eval_from_train = _splits(cfg, src)
-    n_load = _check_sizes(cfg, src, pool, len(eval_idx))
+    n_test = None if src.test_y is None else len(src.test_y)
+    pool, eval_idx, eval_from_train = split_indices(cfg, len(src.train_y), n_test)
+    n_load, n_train = pool_sizes(cfg, pool)
+    check_memory(n_load + len(eval_idx), src.shape)
     loaded = src.fetch("train", pool[:n_load])
     x_eval_raw = src.fetch("train" if eval_from_train else "test", eval_idx)
-    n_train = cfg.train_size or len(pool)
-    mean, std = _norm_stats(cfg, loaded[:n_train])
+    mean, std = norm_stats(cfg, loaded[:n_train], src.shape[0])
     x_all = _normalise(loaded, mean, std)
     y_all = torch.from_numpy(src.train_y[pool[:n_load]])
     eval_y = src.train_y if eval_from_train else src.test_y

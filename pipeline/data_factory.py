@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,9 +27,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
+from pipeline.batching import BatchSource
 from pipeline.config.sections import DataConfig
 from pipeline.config.strict import ConfigError
-from pipeline.data import Batch, Data
+from pipeline.data import Batch
 from pipeline.user_code import import_callable
 
 __all__ = ["FactoryData", "load_factory_data"]
@@ -40,12 +41,12 @@ SPLITS = ("train", "eval", "hessian")
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
-class FactoryData:
+class FactoryData(BatchSource):
     """The user's datasets, cut to the configured sizes; batches are streamed on demand.
 
     The same interface as :class:`pipeline.data.DataBundle` for the stages: ``train_data`` /
-    ``eval_data`` for the hawq loop, ``train_batches`` / ``eval_batches``, ``hessian`` batches,
-    ``example``, ``n_eval``, ``fingerprint``.
+    ``eval_data`` for the hawq loop, ``train_batches`` / ``eval_batches`` (rank slices, see
+    :mod:`pipeline.batching`), ``hessian`` batches, ``example``, ``n_eval``, ``fingerprint``.
     """
 
     name: str
@@ -57,60 +58,52 @@ class FactoryData:
     fingerprint: str
     num_classes: int | None = None  # unknown: the model's output is checked by the loss
 
-    @property
-    def hessian_samples(self) -> int:
-        return sum(len(y) for _, y in self.hessian)
+    def sizes(self) -> tuple[int, int]:
+        return len(self.train), len(self.eval)  # type: ignore[arg-type]
 
-    @property
-    def n_eval(self) -> int:
-        return len(self.eval)  # type: ignore[arg-type]
-
-    def _loader(self, dataset: Dataset, batch_size: int, order: Sequence[int] | None):
+    def _loader(self, dataset: Dataset, batches: Iterable[list[int]]) -> DataLoader:
+        """One pass over ``batches`` (index lists); its own generator, so creating it draws
+        nothing from the global torch RNG (a resumed run's dropout stream stays the same)."""
         return DataLoader(
             dataset,
-            batch_size=batch_size,
-            sampler=order,
+            batch_sampler=batches,
             num_workers=self.num_workers,
             collate_fn=default_collate,
+            generator=torch.Generator(),
         )
 
-    def train_batches(self, batch_size: int, *, seed: int, epoch: int = 0) -> Iterator[Batch]:
-        """Shuffled batches; the order is a pure function of (seed, epoch)."""
-        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
-        return iter(self._shuffled(batch_size, g))
+    def _take(self, dataset: Dataset, slices: Iterator[np.ndarray]) -> Iterator[Batch]:
+        sizes: list[int] = []
 
-    def _shuffled(self, batch_size: int, gen: torch.Generator) -> DataLoader:
-        order = torch.randperm(len(self.train), generator=gen).tolist()  # type: ignore[arg-type]
-        return self._loader(self.train, batch_size, order)
+        def index_lists() -> Iterator[list[int]]:
+            for s in slices:
+                sizes.append(len(s))
+                yield s.tolist() or [0]  # DataLoader cannot collate nothing: load item 0 ...
 
-    def eval_batches(self, batch_size: int) -> Iterator[Batch]:
-        """Evaluation batches in order."""
-        return iter(self._loader(self.eval, batch_size, None))
+        for k, batch in enumerate(self._loader(dataset, index_lists())):
+            yield _no_rows(batch) if sizes[k] == 0 else batch  # ... and cut it to zero rows
 
-    def train_data(self, batch_size: int) -> Data:
-        """``callable(generator)`` -> shuffled batches: the hawq loop's streaming form."""
-        return lambda gen: self._shuffled(batch_size, gen)
+    def _take_train(self, slices: Iterator[np.ndarray], gen: torch.Generator) -> Iterator[Batch]:
+        return self._take(self.train, slices)
 
-    def eval_data(self, batch_size: int) -> Data:
-        """``callable(generator)`` -> evaluation batches in order (the generator is unused)."""
-        return lambda gen: self._loader(self.eval, batch_size, None)
+    def _take_eval(self, slices: Iterator[np.ndarray], gen: torch.Generator) -> Iterator[Batch]:
+        return self._take(self.eval, slices)
 
     def example(self, n: int = 1) -> torch.Tensor:
         """The first ``n`` evaluation inputs."""
-        x, _ = next(iter(self._loader(self.eval, n, None)))
+        x, _ = next(iter(self._loader(self.eval, [list(range(min(n, self.n_eval)))])))
         return x
 
-    def summary(self) -> dict[str, object]:
-        """Sizes and provenance, for manifests and logs."""
-        return {
-            "name": self.name,
-            "train": len(self.train),  # type: ignore[arg-type]
-            "eval": self.n_eval,
-            "hessian": self.hessian_samples,
-            "hessian_batches": len(self.hessian),
-            "location": self.location,
-            "fingerprint": self.fingerprint,
-        }
+
+def _no_rows(value: Any) -> Any:
+    """``value`` (a collated batch: tensors in tuples, lists, dicts) with zero rows."""
+    if isinstance(value, torch.Tensor):
+        return value[:0]
+    if isinstance(value, Mapping):
+        return {k: _no_rows(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return type(value)(_no_rows(v) for v in value)
+    return value
 
 
 def _unpack(out: Any, factory: str) -> dict[str, Any]:
@@ -188,7 +181,12 @@ def load_factory_data(cfg: DataConfig) -> FactoryData:
         perm = np.random.default_rng([cfg.seed, 0]).permutation(sizes["train"])
         source, split = Subset(parts["train"], perm.tolist()), "train"
     hess = _first(source, cfg.hessian_samples, "data.hessian_samples", split)
-    loader = DataLoader(hess, batch_size=cfg.hessian_batch_size, collate_fn=default_collate)
+    loader = DataLoader(
+        hess,
+        batch_size=cfg.hessian_batch_size,
+        collate_fn=default_collate,
+        generator=torch.Generator(),
+    )
     hessian = [(x, y) for x, y in loader]
     h = hashlib.sha256(json.dumps([factory, cfg.kwargs], sort_keys=True, default=str).encode())
     for ds in (train, evals, hess):

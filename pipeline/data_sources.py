@@ -1,8 +1,8 @@
 """Readers of the raw datasets: each returns a :class:`Source` of images in [0, 1] and labels.
 
 Formats: scikit-learn's digits, Fashion-MNIST idx(.gz) files (parsed here with numpy),
-CIFAR-10 python batches or an npz with ``xtr/ytr/xte/yte``, ImageFolder trees (decoded with
-Pillow, only the images that are asked for) and a seeded synthetic teacher task.
+CIFAR-10 python batches or an npz with ``xtr/ytr/xte/yte`` and a seeded synthetic teacher task.
+ImageFolder trees are listed and decoded by :mod:`pipeline.data_images`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import gzip
 import os
 import pickle
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +22,6 @@ from pipeline.config.strict import ConfigError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_FIX = "run 'apt-get install -y dataset-fashion-mnist' or set data.path to the idx files"
-IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
 # idx type code -> numpy dtype (big-endian), from the MNIST file format description.
 IDX_DTYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
@@ -182,86 +180,6 @@ def _read_cifar_batch(file: Path) -> tuple[np.ndarray, np.ndarray]:
     if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
         raise ConfigError("data.path", f"{str(file)!r}: data {data.shape}, labels {labels.shape}")
     return data.reshape(-1, 3, 32, 32), labels
-
-
-def _image_files(root: Path, classes: list[str] | None) -> tuple[list[str], list[Path], list[int]]:
-    if not root.is_dir():
-        raise ConfigError("data.path", f"{str(root)!r} not found; expected root/<split>/<class>/*")
-    found = sorted(d.name for d in root.iterdir() if d.is_dir())
-    if classes is None:
-        classes = found
-    elif set(found) - set(classes):
-        extra = sorted(set(found) - set(classes))[:5]
-        raise ConfigError("data.path", f"{str(root)!r} has classes not in the train split: {extra}")
-    files, labels = [], []
-    for label, name in enumerate(classes):
-        cdir = root / name
-        if not cdir.is_dir():
-            continue
-        for f in sorted(cdir.iterdir()):
-            if f.suffix.lower() in IMAGE_EXTENSIONS:
-                files.append(f)
-                labels.append(label)
-    if not files:
-        raise ConfigError(
-            "data.path", f"{str(root)!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})"
-        )
-    return classes, files, labels
-
-
-class _ImageFetch:
-    """Decode, resize the shorter side, center-crop; a thread pool overlaps the decoding."""
-
-    def __init__(self, files: dict[str, list[Path]], size: int, resize: int) -> None:
-        self.files, self.size, self.resize = files, size, resize
-
-    def _one(self, file: Path) -> np.ndarray:
-        from PIL import Image
-
-        try:
-            with Image.open(file) as im:
-                im = im.convert("RGB")
-                w, h = im.size
-                scale = self.resize / min(w, h)
-                new = (max(self.size, round(w * scale)), max(self.size, round(h * scale)))
-                if new != (w, h):
-                    im = im.resize(new, Image.Resampling.BILINEAR)
-                left, top = (new[0] - self.size) // 2, (new[1] - self.size) // 2
-                im = im.crop((left, top, left + self.size, top + self.size))
-                return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
-        except OSError as exc:
-            raise ConfigError("data.path", f"{str(file)!r} could not be decoded: {exc}") from None
-
-    def __call__(self, split: str, index: np.ndarray) -> np.ndarray:
-        files = [self.files[split][i] for i in index]
-        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            images = list(pool.map(self._one, files))
-        out = np.stack(images) if images else np.zeros((0, 3, self.size, self.size), np.uint8)
-        return out.astype(np.float32) / np.float32(255.0)
-
-
-def read_imagefolder(cfg: DataConfig) -> Source:
-    """ImageNet layout: ``path/<train_split>/<class>/*.JPEG`` and ``path/<eval_split>/...``."""
-    try:
-        import PIL  # noqa: F401
-    except ImportError:
-        raise ConfigError("data.name", "imagefolder needs Pillow: pip install pillow") from None
-    root = Path(cfg.path or "")
-    classes, train_files, train_y = _image_files(root / cfg.train_split, None)
-    _, test_files, test_y = _image_files(root / cfg.eval_split, classes)
-    size = cfg.image_size or 224
-    resize = cfg.resize or round(size * 8 / 7)
-    if resize < size:
-        raise ConfigError("data.resize", f"{resize} is smaller than the crop {size}")
-    fetch = _ImageFetch({"train": train_files, "test": test_files}, size, resize)
-    return Source(
-        train_y=np.asarray(train_y, dtype=np.int64),
-        test_y=np.asarray(test_y, dtype=np.int64),
-        fetch=fetch,
-        num_classes=len(classes),
-        shape=(3, size, size),
-        location=str(root),
-    )
 
 
 def check_memory(n_images: int, shape: tuple[int, ...]) -> None:

@@ -43,6 +43,7 @@ __all__ = [
 FORMATS = ("safetensors", "onnx")
 ONNX_FORMAT = "hawq.onnx/1"
 DEPLOY_DIR = "deploy"
+ONNX_CHECK_SAMPLES = 2048  # --check on streamed data: the first evaluation images
 
 
 class ExportError(ValueError):
@@ -96,7 +97,7 @@ def _example_input(run_dir: str | os.PathLike) -> torch.Tensor:
     if shape is not None:
         channels, side, _ = shape
         return torch.zeros(1, channels, side, side)
-    return load_data(cfg.data).eval_x[:1].float()
+    return load_data(cfg.data).example(1).float()
 
 
 def _final_size_mb(run_dir: str | os.PathLike) -> float:
@@ -136,9 +137,15 @@ def export_run_onnx(
         "computed_size_mb": _final_size_mb(run_dir),
     }
     if check:
-        from pipeline.data import load_data
+        from pipeline.data import DataBundle, load_data
 
-        eval_x = load_data(load_run_config(run_dir).data).eval_x
+        data = load_data(load_run_config(run_dir).data)
+        # in-RAM data: the whole evaluation set; streamed: its first ONNX_CHECK_SAMPLES
+        eval_x = (
+            data.eval_x
+            if isinstance(data, DataBundle)
+            else data.example(min(data.n_eval, ONNX_CHECK_SAMPLES))
+        )
         cmp = compare_onnx(model, onnx_path, eval_x)
         sizes.update(agreement=cmp["agreement"], max_abs_logit_diff=cmp["max_abs_diff"])
     atomic_write_json(dest / "sizes.json", sizes)

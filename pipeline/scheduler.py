@@ -34,6 +34,7 @@ from pipeline.atomic import (
 from pipeline.config import ConfigError, RunConfig, config_to_yaml, load_config
 from pipeline.data import DataBundle, load_data
 from pipeline.data_factory import FactoryData
+from pipeline.data_images import StreamingImages
 from pipeline.run_log import LOG_FILE, log_to_file
 from pipeline.run_summary import write_run_summary
 from pipeline.stage_cache import StageCache
@@ -83,7 +84,7 @@ class Prepared:
 
     cfg: RunConfig
     store: RunStore
-    data: DataBundle | FactoryData
+    data: DataBundle | FactoryData | StreamingImages
     device: torch.device
     plan: list[StagePlan]
     identity: dict[str, Any]
@@ -207,7 +208,7 @@ def prepare(
     from pipeline.config import check_paths
 
     check_paths(cfg)
-    data = load_data(cfg.data)
+    data = load_data(cfg.data, device)
     ident = identity_of(cfg, data)
     check_identity(store, ident)
     corrupt = _corrupt_files(store, repair)

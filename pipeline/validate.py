@@ -20,6 +20,7 @@ from pipeline.atomic import StoreError
 from pipeline.config import ConfigError, RunConfig, section_dict
 from pipeline.data import DataBundle
 from pipeline.data_factory import FactoryData
+from pipeline.data_images import StreamingImages
 from pipeline.store import LAUNCH_DIR, RunStore
 from pipeline.user_code import check_imports
 
@@ -85,7 +86,7 @@ def check_run_dir(root: Path) -> None:
         ) from None
 
 
-def identity_of(cfg: RunConfig, data: DataBundle | FactoryData) -> dict[str, Any]:
+def identity_of(cfg: RunConfig, data: DataBundle | FactoryData | StreamingImages) -> dict[str, Any]:
     """What a run dir is for: the model config and the data fingerprint."""
     return {
         "model": section_dict(cfg, "model"),
@@ -145,7 +146,9 @@ def check_loss(cfg: RunConfig, out: torch.Tensor, target: torch.Tensor) -> None:
         raise ConfigError("loss", f"{cfg.loss} must return a finite scalar tensor, got {value!r}")
 
 
-def preflight(cfg: RunConfig, data: DataBundle | FactoryData, device: torch.device) -> None:
+def preflight(
+    cfg: RunConfig, data: DataBundle | FactoryData | StreamingImages, device: torch.device
+) -> None:
     """Fail before any work: checkpoint, model vs data shapes, the loss, blocks, size target."""
     from hawq.blocks import partition_blocks
     from pipeline.models import build_model

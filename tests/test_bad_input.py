@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from jpeg_folder import corrupt_jpeg, make_imagefolder
 from tiny_run import REPO, copy_of_finished_run, hawq_cmd, subprocess_env, write_config
 
 from pipeline.backends.ray.config import available_cpus
@@ -56,6 +57,21 @@ def _other_data(tmp: Path, factory) -> list[str]:
 def _under_file(tmp: Path, _f) -> list[str]:
     (tmp / "afile").write_text("x")
     return ["run", _cfg(tmp, {}), "--run-dir", str(tmp / "afile" / "run")]
+
+
+def _corrupt_jpeg(tmp: Path, _f) -> list[str]:
+    root = make_imagefolder(tmp / "images", 12, 6)
+    corrupt_jpeg(root / "train" / "class1" / "img00004.jpg")
+    data = {"name": "imagefolder", "path": str(root), "image_size": 8, "resize": 8,
+            "train_size": None, "eval_size": None, "hessian_samples": 12}  # fmt: skip
+    return _run(tmp, {"model": {"in_channels": 3, "num_classes": 3}, "data": data})
+
+
+def _pack_into_taken_dir(tmp: Path, _f) -> list[str]:
+    root = make_imagefolder(tmp / "images", 3, 3)
+    (tmp / "taken").mkdir()
+    (tmp / "taken" / "old.parquet").write_bytes(b"x")
+    return ["pack-data", str(root), str(tmp / "taken")]
 
 
 def _foreign_dir(tmp: Path, _f) -> list[str]:
@@ -136,6 +152,14 @@ CASES: dict[str, tuple[Setup, list[str]]] = {
     "run dir holds other files": (
         _foreign_dir,
         ["is not empty and holds no hawq run", "new or empty directory"],
+    ),
+    "corrupt JPEG in an ImageFolder": (
+        _corrupt_jpeg,
+        ["data.path:", "img00004.jpg' could not be read or decoded", "data.bad_images: skip"],
+    ),
+    "pack-data into a non-empty folder": (
+        _pack_into_taken_dir,
+        ["OUT_DIR", "taken' exists and is not empty", "pass a new folder"],
     ),
     "resume of a non-run": (
         lambda t, f: ["resume", str(t)],

@@ -27,6 +27,7 @@ IMPORT_PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # keys of data that only apply to built-in datasets / to data.factory
 _BUILTIN_ONLY = ("path", "image_size", "resize", "channels", "num_classes")
+_IMAGEFOLDER_ONLY = {"streaming": "auto", "augment": False, "bad_images": "fail"}
 
 
 def check_import_path(key: str, value: str, what: str) -> None:
@@ -120,7 +121,8 @@ class DataConfig(Section):
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments of data.factory."""
     num_workers: int = 0
-    """DataLoader worker processes that read data.factory datasets (0 = in the main process)."""
+    """DataLoader worker processes that read (and decode) data.factory datasets and streamed
+    imagefolder images (0 = in the main process); batches do not depend on it."""
     path: str | None = None
     """Dataset file or directory; fashion_mnist defaults to the Debian package's files."""
     train_size: int | None = None
@@ -150,6 +152,15 @@ class DataConfig(Section):
     """imagefolder: sub-directory of the training images."""
     eval_split: str = "val"
     """imagefolder: sub-directory of the evaluation images."""
+    streaming: bool | Literal["auto"] = "auto"
+    """imagefolder: true = decode batches on demand (DataLoader workers); false = decode the
+    fine-tuning and evaluation sets into RAM; auto = stream with augment or above 1 GiB."""
+    augment: bool = False
+    """imagefolder (streaming): training batches get RandomResizedCrop + horizontal flip,
+    seeded per (run seed, epoch, sample); evaluation and Hessian images never do."""
+    bad_images: Literal["fail", "skip"] = "fail"
+    """imagefolder: an unreadable, empty or non-image file fails naming it, or is skipped
+    (dropped from its set or batch, logged with a count)."""
 
     def check(self) -> None:
         for key in ("train_size", "eval_size", "image_size", "resize", "channels"):
@@ -163,9 +174,18 @@ class DataConfig(Section):
         if self.factory is not None:
             self._check_factory(self.factory)
             return
-        for key in ("kwargs", "num_workers"):
-            if getattr(self, key):
-                fail(key, "only applies to data.factory")
+        if self.kwargs:
+            fail("kwargs", "only applies to data.factory")
+        if self.num_workers and self.name != "imagefolder":
+            fail("num_workers", "only applies to data.factory and data.name: imagefolder")
+        if self.name != "imagefolder":
+            for key, default in _IMAGEFOLDER_ONLY.items():
+                if getattr(self, key) != default:
+                    fail(key, f"only applies to data.name: imagefolder (got name {self.name!r})")
+        if self.augment and self.streaming is False:
+            fail("augment", "needs streaming (each epoch decodes new crops); set streaming: true")
+        if self.streaming is True and self.normalization == "dataset":
+            fail("normalization", "'dataset' needs every image decoded; use imagenet or none")
         if self.name in ("cifar10", "imagefolder") and self.path is None:
             what = "the npz / python batches" if self.name == "cifar10" else "the ImageFolder root"
             fail("path", f"data '{self.name}' needs a path to {what}")
@@ -183,6 +203,9 @@ class DataConfig(Section):
         for key in _BUILTIN_ONLY:
             if getattr(self, key) is not None:
                 fail(key, "does not apply to data.factory; pass it in data.kwargs")
+        for key, default in _IMAGEFOLDER_ONLY.items():
+            if getattr(self, key) != default:
+                fail(key, "only applies to data.name: imagefolder")
         if self.normalization not in ("auto", "none"):
             fail("normalization", "data.factory datasets are used as returned; normalise there")
 

@@ -21,6 +21,7 @@ from pipeline.atomic import pause_point
 from pipeline.config import RunConfig
 from pipeline.data import DataBundle
 from pipeline.data_factory import FactoryData
+from pipeline.data_images import StreamingImages
 from pipeline.models import LossFn, model_factory, task_loss_fn
 from pipeline.store import RunStore
 
@@ -54,7 +55,7 @@ class StageContext:
     store: RunStore
     stage: str
     key: str
-    data: DataBundle | FactoryData
+    data: DataBundle | FactoryData | StreamingImages
     device: torch.device
     progress: bool = True
     backend: Callable[[], Any] | None = None  # -> HessianBackend (hessian stage only)

@@ -50,7 +50,12 @@ def params(cfg: RunConfig, fingerprint: str) -> Params:
     size when each worker's BatchNorm statistics are its own)."""
     return {
         **flat("model", cfg.model.to_dict()),
-        **flat("data", cfg.data.to_dict(), skip=("hessian_samples", "hessian_batch_size")),
+        # neither the Hessian set nor the worker count changes the baseline
+        **flat(
+            "data",
+            cfg.data.to_dict(),
+            skip=("hessian_samples", "hessian_batch_size", "num_workers"),
+        ),
         **flat("baseline", cfg.baseline.to_dict()),
         "run.seed": cfg.run.seed,
         "data.fingerprint": fingerprint,
