@@ -9,6 +9,7 @@ root it skips, saying why. Set HAWQ_UPDATE_GOLDEN=1 to rewrite tests/golden/*.sh
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -17,8 +18,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import cloudpickle
 import pyarrow.parquet as pq
@@ -437,18 +439,75 @@ def _pause_usr2_requeue(job: submitit.Job, marker: Path) -> None:
 def _wait_marker(job: submitit.Job, marker: Path) -> None:
     deadline = time.monotonic() + 240
     while not marker.exists():
-        assert not job.done(), f"job ended before the test hook:\n{job.stderr()}"
-        assert time.monotonic() < deadline, f"job never reached the test hook:\n{job.stderr()}"
+        assert not job.done(), f"job ended before the test hook:\n{_job_report(job)}"
+        assert time.monotonic() < deadline, f"job never reached the test hook:\n{_job_report(job)}"
         time.sleep(0.5)
 
 
 def _wait_requeued(job: submitit.Job) -> None:
-    """Until the job is pending again after a requeue; then let it start at once."""
+    """Until the job is pending again after a requeue; then let it start at once.
+
+    Not within the second its first start was killed: the node revokes the job's credential
+    with that second's time stamp and refuses a start whose credential is not newer ("Job N
+    already killed, do not launch batch job"); the controller then ends the job FAILED, and
+    it never runs again. (Slurm's own requeue delay, which StartTime=now skips, avoids this.)
+    """
     deadline = time.monotonic() + 90
     while (state := _squeue_state(job.job_id)) != "PENDING":
-        assert time.monotonic() < deadline, f"job not requeued (state {state!r})"
+        assert time.monotonic() < deadline, f"job not requeued (state {state!r}):\n" + (
+            _job_report(job)
+        )
         time.sleep(0.5)
+    killed_by = math.floor(time.time())  # the kill came before the job was pending again
+    time.sleep(max(0.0, killed_by + 1.05 - time.time()))
     subprocess.run(["scontrol", "update", f"JobId={job.job_id}", "StartTime=now"], check=True)
+
+
+def _reported(job: submitit.Job, get: Callable[[submitit.Job], Any]) -> Any:
+    """``get(job)`` (e.g. :func:`outcome`); if the job failed, the error shows
+    :func:`_job_report`."""
+    try:
+        return get(job)
+    except (submitit.core.utils.UncompletedJobError, submitit.core.utils.FailedJobError) as err:
+        raise AssertionError(f"job {job.job_id} failed: {err}\n{_job_report(job)}") from err
+
+
+def _job_report(job: submitit.Job) -> str:
+    """What Slurm says about ``job``: queue state, ``scontrol``, ``sacct`` (every start), the
+    controller's and nodes' log lines naming it (the cluster's logs go with the fixture), and
+    the ends of each task's stdout and stderr."""
+
+    def run(*cmd: str) -> str:
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        return (out.stdout + out.stderr).strip()
+
+    jid = job.job_id
+    names_job = re.compile(rf"(JobId=|[Jj]ob |\[){re.escape(jid)}\b")
+    logs = Path(os.environ["SLURM_CONF"]).parents[1] / "log"
+    daemons = [
+        f"{path.name}: {line}"
+        for path in sorted(logs.glob("slurm*.log"))
+        for line in path.read_text(errors="replace").splitlines()
+        if names_job.search(line)
+    ]
+    outputs = [
+        f"--- {path.name} (tail):\n"
+        + "\n".join(path.read_text(errors="replace").splitlines()[-25:])
+        for task in range(job.num_tasks)
+        for path in (job.task(task).paths.stdout, job.task(task).paths.stderr)
+        if path.exists()
+    ]
+    return "\n".join(
+        [
+            f"--- squeue: {run('squeue', '-h', '-j', jid, '-o', '%T %r %N')!r}",
+            f"--- scontrol show job:\n{run('scontrol', '-o', 'show', 'job', jid)}",
+            "--- sacct (every start):\n"
+            + run("sacct", "-D", "-P", "-j", jid, "-o", "JobID,State,ExitCode,Start,End,NodeList"),
+            "--- Slurm daemon log lines naming the job:",
+            *daemons[-40:],
+            *outputs,
+        ]
+    )
 
 
 def _pause_once(monkeypatch, tmp_path: Path, point: str) -> tuple[Path, tuple[str, ...]]:
@@ -460,10 +519,6 @@ def _pause_once(monkeypatch, tmp_path: Path, point: str) -> tuple[Path, tuple[st
     return marker, (f"[ -e {marker} ] && unset HAWQ_TEST_PAUSE_AT || true",)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="flaky: the requeued job failed once in 2 fresh-clone runs (cause under study)",
-)
 def test_slurm_job_requeued_by_usr2_resumes_the_run(slurm_cluster, tmp_path, monkeypatch):
     """USR2 in the middle of a fine-tuning step (the test hook signals the job itself, as
     Slurm would): the state is saved after that step, submitit checkpoints and requeues, and
@@ -476,7 +531,7 @@ def test_slurm_job_requeued_by_usr2_resumes_the_run(slurm_cluster, tmp_path, mon
     _wait_marker(job, marker)
     _wait_requeued(job)
     assert marker.read_text() == "finetune:step:2:7"
-    result = outcome(job)
+    result = _reported(job, outcome)
     assert (result.action, result.restarts) == ("resume", 1)
     actions = {p.stage: p.action for p in result.result.plan}
     assert actions["baseline"] == actions["hessian"] == "skip"
@@ -654,7 +709,7 @@ def test_usr2_in_the_two_node_hessian_requeues_and_skips_finished_work(
     _pause_usr2_requeue(job, marker)
     probes = sorted(p.name for p in (run_dir / "stages/hessian/probes").glob("*.parquet"))
     assert len(probes) >= 2
-    head, worker = job.results()
+    head, worker = _reported(job, lambda j: j.results())
     assert worker is None and (head.action, head.restarts, head.ray_nodes) == ("resume", 1, 2)
     actions = {p.stage: p.action for p in head.result.plan}
     assert actions["baseline"] == "skip" and actions["hessian"] == "resume"
