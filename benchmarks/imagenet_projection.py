@@ -12,8 +12,9 @@ and room for ``c = min(s, (M - fixed) / per_sample)`` cached samples per device:
 * the pipeline: 1 float epoch, ``stages`` QAT epochs, ``eval_passes`` over the validation
   set, plus the analysis; an input pipeline slower than training caps the training rate.
 
-Data-parallel efficiency ``e(D)`` (from ``benchmarks/ddp_scaling.py`` when it exists) divides
-the ideal ``1 / D``; ``None`` means ideal scaling.
+Data-parallel efficiency ``e(D)`` (measured with ``benchmarks/ddp_scaling.py``) divides the
+training and evaluation stages' ideal ``1 / D``; ``None`` means ideal scaling. The analysis
+is not divided by it: its data-parallel cost is the all-reduce per HVP modelled above.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class Target:
     graph_memory_bytes: float  # per device, for cached graphs
     allreduce_bytes_per_s: float = 50e9
     allreduce_latency_s: float = 50e-6
-    efficiency: float | None = None  # measured data-parallel efficiency (None: ideal)
+    efficiency: float | None = None  # measured data-parallel training efficiency (None: ideal)
     loader_images_per_s: float | None = None  # per device (None: not the bottleneck)
 
 
@@ -100,12 +101,11 @@ def analysis_seconds(c: Costs, t: Target, w: Workload) -> dict[str, float]:
     )
     trace_units = w.trace_probes * (cached * c.units(c.joint) + unc * c.units(c.rebuild_joint))
     build_units = cached * c.units(c.build)
-    eff = 1.0 if t.efficiency is None else t.efficiency
     out = {
         "cached_fraction": cached / s,
-        "eigen": eig_units / t.grad_images_per_s / eff,
-        "trace": trace_units / t.grad_images_per_s / eff,
-        "build": build_units / t.grad_images_per_s / eff,
+        "eigen": eig_units / t.grad_images_per_s,
+        "trace": trace_units / t.grad_images_per_s,
+        "build": build_units / t.grad_images_per_s,
         "comm": 0.0,
     }
     if t.devices > 1:
@@ -122,24 +122,24 @@ def analysis_seconds(c: Costs, t: Target, w: Workload) -> dict[str, float]:
 
 
 def pipeline_seconds(c: Costs, t: Target, w: Workload, analysis: float) -> dict[str, float]:
-    """Projected seconds of the pipeline stages (1 epoch per training stage) on ``t``."""
+    """Projected seconds of the pipeline stages (1 epoch per training stage) on ``t``: every
+    pass over images runs at the slower of its step and the input pipeline (per device)."""
     eff = 1.0 if t.efficiency is None else t.efficiency
-    per_device = w.train_images / t.devices
 
-    def train(step: float) -> float:
+    def epoch(step: float, images: int) -> float:
         rate = t.grad_images_per_s / c.units(step)  # images/s of this step
         if t.loader_images_per_s is not None:
             rate = min(rate, t.loader_images_per_s)
-        return per_device / rate / eff
+        return images / t.devices / rate / eff
 
-    evals = (
-        w.eval_float_passes * c.units(c.eval_float) + w.eval_qat_passes * c.units(c.eval_qat)
-    ) * (w.eval_images / t.devices) / t.grad_images_per_s  # fmt: skip
+    evals = w.eval_float_passes * epoch(c.eval_float, w.eval_images) + w.eval_qat_passes * epoch(
+        c.eval_qat, w.eval_images
+    )
     out = {
-        "baseline (1 float epoch)": train(c.float_step),
+        "baseline (1 float epoch)": epoch(c.float_step, w.train_images),
         "hessian (eigenvalues + traces)": analysis,
-        f"finetune ({w.qat_stages} QAT epochs)": w.qat_stages * train(c.qat_step),
-        f"evaluation ({w.eval_float_passes + w.eval_qat_passes} passes)": evals / eff,
+        f"finetune ({w.qat_stages} QAT epochs)": w.qat_stages * epoch(c.qat_step, w.train_images),
+        f"evaluation ({w.eval_float_passes + w.eval_qat_passes} passes)": evals,
     }
     out["total"] = sum(out.values())
     return out

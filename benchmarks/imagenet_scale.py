@@ -20,12 +20,18 @@ run's images; the images are real CIFAR-10 training images upsampled to 224x224 
     graph and per rebuild, each in a fresh process; batch sizes not measured are projected
     from the linear fit, and said so);
 (e) one training step, QAT (W4A8, conv1/fc W8A8) vs float, and evaluation forwards;
-(f) hooks for the data-loading and DDP-scaling sections (``benchmarks/data_loading.py``,
-    ``benchmarks/ddp_scaling.py``);
+(f) data-loading images/s vs DataLoader workers on generated 224 px JPEGs against (e)'s
+    training images/s, and DDP images/s of ResNet-50 at world size 1 vs 2
+    (``imagenet_input_ddp.py`` over ``data_loading.py`` / ``ddp_scaling.py``);
 (g) projected wall time of the full analysis (4,096 samples: eigenvalues + traces) and of the
     full pipeline (1 epoch per stage on 1.28M images) on 1 and 8 devices
-    (``imagenet_projection.py``). Only the device the script runs on is measured; other
-    devices are projected from one assumed gradient throughput (``--gpu-grad-images-per-s``).
+    (``imagenet_projection.py``), with (f)'s loader rate as a cap on each device's training
+    and evaluation rate and (f)'s DDP efficiency on those stages. Only the device the script runs on
+    is measured; other devices are projected from one assumed gradient throughput
+    (``--gpu-grad-images-per-s``).
+
+``--save-costs`` keeps the measured costs and (f)'s figures; ``--from-costs`` redoes (g) from
+them (and (f) too with ``--input-and-ddp measure``) without the 14-minute (a)-(e).
 
 On CPU with ``--threads 1`` the ratios use process CPU time (steady on a shared machine);
 otherwise wall time (CUDA synchronised). ``--amp`` applies autocast (bfloat16) to the training
@@ -57,6 +63,7 @@ from hawq.hessian.trace import probe_sample
 from hawq.quant import BitConfig, LayerBits, quantize_
 
 sys.path.insert(0, str(Path(__file__).parent))
+from imagenet_input_ddp import emit_section, from_json, measure_ddp, measure_loading  # noqa: E402
 from imagenet_memory import linear_fit, measure_all  # noqa: E402
 from imagenet_projection import Costs, hms, projection_section  # noqa: E402
 
@@ -91,7 +98,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gpu-graph-memory-gb", type=float, default=120.0)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--save-costs", type=Path, default=None, help="JSON of the measured costs")
-    p.add_argument("--from-costs", type=Path, default=None, help="only (g), from --save-costs")
+    p.add_argument("--from-costs", type=Path, default=None, help="only (f)/(g), from --save-costs")
+    p.add_argument(
+        "--input-and-ddp",
+        choices=["measure", "saved", "off"],
+        default=None,
+        help="(f): measure (default), saved (--from-costs' figures; default there), off (assume "
+        "the loader keeps up and ideal scaling)",
+    )
+    p.add_argument("--loader-images", type=int, default=192)
+    p.add_argument("--loader-workers", default="0,1,2")
+    p.add_argument("--loader-batch", type=int, default=32)
+    p.add_argument("--loader-passes", type=int, default=2)
+    p.add_argument("--loader-dir", default="/tmp/hawq-data-bench")
+    p.add_argument("--ddp-world", type=int, default=2)
+    p.add_argument("--ddp-batch", type=int, default=8)
+    p.add_argument("--ddp-steps", type=int, default=5, help="steps 2..N are timed")
     return p.parse_args(argv)
 
 
@@ -229,23 +251,40 @@ def training_steps(model, batch, args: argparse.Namespace, clock: Clock) -> dict
 
 
 def data_loading_section(args: argparse.Namespace) -> dict | None:
-    """Hook for ``benchmarks/data_loading.py`` (issue 11): DataLoader images/s per worker count.
-
-    Wire it to return ``{"images_per_s": {workers: images/s}}`` measured for 224x224 JPEGs; the
-    projection then caps each device's training rate at the best of them. ``None``: not
-    measured here, and the projection assumes the input pipeline keeps up.
+    """(f) ``benchmarks/data_loading.py``: ``{"images_per_s": {workers: images/s}, ...}`` of
+    augmented 224x224 training passes over generated JPEGs; the projection caps each device's
+    training and evaluation rate at the best of them. ``None`` (``--input-and-ddp off``): the
+    loader keeps up.
     """
-    return None
+    return None if args.input_and_ddp == "off" else measure_loading(args)
 
 
 def ddp_scaling_section(args: argparse.Namespace) -> dict | None:
-    """Hook for ``benchmarks/ddp_scaling.py`` (issue 11): data-parallel efficiency by world size.
+    """(f) ``benchmarks/ddp_scaling.py``: ``{"efficiency": {W: t_1 / (W t_W)}, ...}`` of
+    ResNet-50 float training at ``--ddp-world`` (CPU, gloo); the projection divides the
+    training and evaluation stages' ideal ``1 / D`` times by it. ``None`` (``--input-and-ddp
+    off``): ideal scaling."""
+    if args.input_and_ddp == "off":
+        return None
+    x, y = load_batch(args, args.ddp_batch * args.ddp_steps)
+    return measure_ddp(args, x, y)
 
-    Wire it to return ``{"efficiency": {world_size: t_1 / (world_size * t_world_size)}}``; the
-    projection divides its ideal ``1 / D`` times by ``efficiency[D]`` (the largest measured
-    world size at or below ``D``). ``None``: ideal scaling assumed (said in the output).
-    """
-    return None
+
+def input_and_ddp(args: argparse.Namespace, saved: dict | None) -> tuple[tuple, str, str]:
+    """(f)'s figures, a note on their source and the date they were measured: measured now,
+    or those of ``saved`` (a ``--save-costs`` file)."""
+    mode = args.input_and_ddp or ("saved" if saved is not None else "measure")
+    if mode == "saved":
+        hooks = (from_json(saved.get("data_loading")), from_json(saved.get("ddp_scaling")))
+        if hooks != (None, None):
+            date = saved.get("input_and_ddp_measured", "?")
+            return hooks, f"saved in {args.from_costs}, measured {date}", date
+        args.input_and_ddp = "measure"  # the file has none: measure them
+    hooks = (data_loading_section(args), ddp_scaling_section(args))
+    if hooks == (None, None):
+        return hooks, "not measured", ""
+    date = time.strftime("%Y-%m-%d")
+    return hooks, f"measured in this run, {date}", date
 
 
 # ------------------------------------------------------------------------------------ main
@@ -433,7 +472,7 @@ def memory_section(args, device: torch.device, emit: Report) -> tuple[float, flo
 
 
 def training_section(args, model, batch, clock: Clock, emit: Report) -> dict[str, float]:
-    """(e) and the hooks of (f)."""
+    """(e)."""
     steps = training_steps(model, batch, args, clock)
     emit(
         f"\n## (e) training and evaluation steps, batch {args.batch} (median of "
@@ -451,21 +490,16 @@ def training_section(args, model, batch, clock: Clock, emit: Report) -> dict[str
             for k, v in steps.items()
         ],
     )
-    emit("\n## (f) input pipeline and data-parallel scaling\n")
-    emit(
-        "- data loading images/s vs workers: not measured here (`benchmarks/data_loading.py`, "
-        "hook `data_loading_section`); the projection assumes the loader keeps up"
-    )
-    emit(
-        "- DDP scaling 1 -> 2 workers: not measured here (`benchmarks/ddp_scaling.py`, hook "
-        "`ddp_scaling_section`); the projection assumes ideal scaling"
-    )
     return steps
 
 
-def save_costs(path: Path, costs: Costs, probes: dict) -> None:
+def save_costs(path: Path, costs: Costs, probes: dict, hooks: tuple, date: str) -> None:
+    """The measured costs and (f)'s figures (with the date they were measured), as JSON."""
+    loading, scaling = hooks
+    out = {"costs": dataclasses.asdict(costs), "probes": probes, "data_loading": loading,
+           "ddp_scaling": scaling, "input_and_ddp_measured": date}  # fmt: skip
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"costs": dataclasses.asdict(costs), "probes": probes}, indent=1))
+    tmp.write_text(json.dumps(out, indent=1))
     os.replace(tmp, path)
 
 
@@ -477,12 +511,15 @@ def main(argv: list[str] | None = None) -> None:
     clock, emit, started = Clock(device, args.threads), Report(), time.perf_counter()
     if args.from_costs is not None:
         saved = json.loads(args.from_costs.read_text())
+        costs = Costs(**saved["costs"])
         emit(f"# ResNet-50 projections from the measurements saved in {args.from_costs}\n")
         emit(f"Command: `python benchmarks/imagenet_scale.py {' '.join(argv or sys.argv[1:])}`")
-        hooks = (data_loading_section(args), ddp_scaling_section(args))
-        projection_section(
-            args, device.type == "cuda", Costs(**saved["costs"]), saved["probes"], emit, hooks
-        )
+        hooks, source, date = input_and_ddp(args, saved)
+        emit_section(emit, *hooks, costs, args, source)
+        if args.save_costs is not None:
+            save_costs(args.save_costs, costs, saved["probes"], hooks, date)
+        projection_section(args, device.type == "cuda", costs, saved["probes"], emit, hooks)
+        emit(f"\nWall time {hms(time.perf_counter() - started)}.")
         if args.out is not None:
             emit.write(args.out)
         return
@@ -514,9 +551,10 @@ def main(argv: list[str] | None = None) -> None:
         eval_float=steps["eval_float"],
         eval_qat=steps["eval_qat"],
     )
+    hooks, source, date = input_and_ddp(args, None)
+    emit_section(emit, *hooks, costs, args, source)
     if args.save_costs is not None:
-        save_costs(args.save_costs, costs, probes)
-    hooks = (data_loading_section(args), ddp_scaling_section(args))
+        save_costs(args.save_costs, costs, probes, hooks, date)
     projection_section(args, device.type == "cuda", costs, probes, emit, hooks)
     emit(
         f"\nBenchmark wall time {hms(time.perf_counter() - started)}; load average at the end "
