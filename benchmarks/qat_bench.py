@@ -5,7 +5,13 @@ fake-quant (W4A4, first/last layer W8A8) steps are interleaved repetition by rep
 machine noise hits both; prints images/s of each and the median time ratio from one run, by
 wall clock and by process CPU time (the CPU-time ratio is the steadier one on a shared machine).
 
+``--amp`` takes one or more autocast modes (``none bf16`` measures float32 and bf16 side by
+side in the same repetitions, so their speeds compare too); ``--channels-last`` puts models
+and inputs in NHWC memory. Steps run as the training loop runs them (``hawq.precision``:
+autocast forward, float32 loss, a GradScaler for fp16, quantizers in float32).
+
     python benchmarks/qat_bench.py [--batch 128] [--reps 7] [--steps 5] [--threads 2]
+        [--amp none bf16] [--channels-last] [--device auto]
         [--data ../shared/data/cifar10/cifar10_subset.npz]
 """
 
@@ -20,6 +26,7 @@ import numpy as np
 import torch
 
 from hawq.models.resnet_cifar import cifar_resnet
+from hawq.precision import AMP_MODES, Precision, full_precision
 from hawq.quant import BitConfig, LayerBits, quantize_
 
 
@@ -33,14 +40,34 @@ def _batch(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.rand(args.batch, 3, 32, 32, generator=g), torch.randint(0, 10, (args.batch,))
 
 
-def _steps(model: torch.nn.Module, opt: torch.optim.Optimizer, x, y, n: int):
-    t0, c0 = time.perf_counter(), time.process_time()
-    for _ in range(n):
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return time.perf_counter() - t0, time.process_time() - c0
+class Trainer:
+    """One model, its optimizer and precision: ``steps(n)`` runs and times ``n`` SGD steps."""
+
+    def __init__(self, model: torch.nn.Module, precision: Precision, x, y, dev) -> None:
+        self.model = precision.model(model.to(dev))
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
+        self.precision, self.dev = precision, dev
+        self.scaler = precision.grad_scaler(dev)
+        self.x, self.y = precision.inputs(x, dev), y.to(dev)
+
+    def steps(self, n: int) -> tuple[float, float]:
+        sync = torch.cuda.synchronize if self.dev.type == "cuda" else (lambda: None)
+        sync()
+        t0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(n):
+            with self.precision.autocast(self.dev):
+                out = self.model(self.x)
+            loss = torch.nn.functional.cross_entropy(full_precision(out), self.y)
+            self.opt.zero_grad(set_to_none=True)
+            if self.scaler is None:
+                loss.backward()
+                self.opt.step()
+            else:
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.opt)
+                self.scaler.update()
+        sync()
+        return time.perf_counter() - t0, time.process_time() - c0
 
 
 def main() -> None:
@@ -49,9 +76,16 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--amp", nargs="+", choices=AMP_MODES, default=["none"])
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--data", default=None, help="cifar10_subset.npz (default: synthetic)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    dev = torch.device(
+        "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+        else "cpu"
+    )  # fmt: skip
     torch.manual_seed(0)
     x, y = _batch(args)
     fp = cifar_resnet(20).train()
@@ -60,32 +94,45 @@ def main() -> None:
         weight_bits=4, act_bits=4, layers={"conv1": LayerBits(8, 8), "linear": LayerBits(8, 8)}
     )
     quantize_(qm, bits)
-    opts = {
-        "float": (fp, torch.optim.SGD(fp.parameters(), lr=0.01, momentum=0.9)),
-        "qat": (qm, torch.optim.SGD(qm.parameters(), lr=0.01, momentum=0.9)),
-    }
-    for m, o in opts.values():  # warm-up
-        _steps(m, o, x, y, 2)
-    wall: dict[str, list[float]] = {"float": [], "qat": []}
-    cpu: dict[str, list[float]] = {"float": [], "qat": []}
+    runs: dict[tuple[str, str], Trainer] = {}
+    for amp in args.amp:
+        precision = Precision(amp=amp, channels_last=args.channels_last)
+        try:
+            precision.check_device(dev)
+        except ValueError as exc:
+            p.error(f"--amp {amp}: {exc}")
+        for kind, model in (("float", fp), ("qat", qm)):
+            runs[(amp, kind)] = Trainer(copy.deepcopy(model), precision, x, y, dev)
+    for t in runs.values():  # warm-up
+        t.steps(2)
+    wall: dict[tuple[str, str], list[float]] = {k: [] for k in runs}
+    cpu: dict[tuple[str, str], list[float]] = {k: [] for k in runs}
+    keys = list(runs)
     for r in range(args.reps):
-        order = ("float", "qat") if r % 2 == 0 else ("qat", "float")
-        for k in order:
-            w, c = _steps(*opts[k], x, y, args.steps)
+        for k in keys if r % 2 == 0 else keys[::-1]:
+            w, c = runs[k].steps(args.steps)
             wall[k].append(w)
             cpu[k].append(c)
     n_img = args.batch * args.steps
     print(
-        f"ResNet-20 batch {args.batch}, {args.threads} threads, {args.reps} reps x "
-        f"{args.steps} steps, data={'real' if args.data else 'synthetic'}"
+        f"ResNet-20 batch {args.batch}, {dev.type}, {args.threads} threads, {args.reps} reps x "
+        f"{args.steps} steps, data={'real' if args.data else 'synthetic'}, "
+        f"channels_last={args.channels_last}, torch {torch.__version__}"
     )
-    for name, t in (("wall", wall), ("cpu", cpu)):
-        f, q = statistics.median(t["float"]), statistics.median(t["qat"])
-        ratios = [a / b for a, b in zip(t["qat"], t["float"], strict=True)]
-        print(
-            f"{name:>4} clock: float {n_img / f:7.1f} images/s, qat {n_img / q:7.1f} images/s, "
-            f"QAT/float time {q / f:.3f}x (per-rep ratios {min(ratios):.2f}..{max(ratios):.2f})"
-        )
+    first = args.amp[0]
+    for amp in args.amp:
+        for name, t in (("wall", wall), ("cpu", cpu)):
+            f, q = statistics.median(t[(amp, "float")]), statistics.median(t[(amp, "qat")])
+            ratios = [a / b for a, b in zip(t[(amp, "qat")], t[(amp, "float")], strict=True)]
+            line = (
+                f"amp {amp:>4} {name:>4} clock: float {n_img / f:7.1f} images/s, qat "
+                f"{n_img / q:7.1f} images/s, QAT/float time {q / f:.3f}x (per-rep ratios "
+                f"{min(ratios):.2f}..{max(ratios):.2f})"
+            )
+            if amp != first:
+                f0, q0 = (statistics.median(t[(first, k)]) for k in ("float", "qat"))
+                line += f"; time vs amp {first}: float {f / f0:.3f}x, qat {q / q0:.3f}x"
+            print(line)
     print("target: QAT/float <= 1.3x")
 
 

@@ -24,6 +24,7 @@ from hawq.hessian.table import SENSITIVITY_SCHEMA, HessianConfig, analyze
 from hawq.hessian.trace import TraceResult, hutchinson, rademacher_probe
 from hawq.omega import omega_matrix
 from hawq.order import FineTuneOrder, OrderConfig, finetune_order
+from hawq.precision import Precision
 from hawq.qat import QATConfig, evaluate, run_qat
 from hawq.quant import BitConfig, LayerBits, export_integer, quantize_, quantize_weight
 from hawq.seeding import derive_seed
@@ -49,6 +50,7 @@ __all__ = [
     "LayerBits",
     "LayerCost",
     "OrderConfig",
+    "Precision",
     "QATConfig",
     "TraceResult",
     "allocate",

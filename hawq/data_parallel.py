@@ -143,9 +143,12 @@ def _sum_all(t: torch.Tensor) -> torch.Tensor:
 
 
 def _sync_forward(self: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
-    """BatchNorm with the global batch's per-channel mean and (biased) variance."""
+    """BatchNorm with the global batch's per-channel mean and (biased) variance (computed in
+    float32 for a float16 / bfloat16 ``x``, an autocast activation; returned in its dtype)."""
     if not (self.training or self.running_mean is None):
         return type(self).forward(self, x)
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return _sync_forward(self, x.float()).to(x.dtype)
     dims = [0, *range(2, x.dim())]
     shape = [1, -1] + [1] * (x.dim() - 2)
     count = x.new_tensor([x.numel() // max(1, x.shape[1])], dtype=torch.float64)

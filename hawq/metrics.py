@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hawq.data_parallel import all_reduce_sums, rank_slice, world
+from hawq.precision import Precision, full_precision
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 Data = tuple[torch.Tensor, torch.Tensor] | Callable[[torch.Generator], Batches]
@@ -107,14 +108,23 @@ def _device(model: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, data: Data, *, batch_size: int = 512, loss_fn: LossFn | None = None
+    model: nn.Module,
+    data: Data,
+    *,
+    batch_size: int = 512,
+    loss_fn: LossFn | None = None,
+    precision: Precision | None = None,
 ) -> tuple[float, float]:
     """Mean loss (per sample) and accuracy (NaN for non-classification targets) of ``model``
     in eval mode (its mode is restored). Under data parallelism (:mod:`hawq.data_parallel`)
-    each rank evaluates its slices and the sums are all-reduced: every rank gets the result."""
+    each rank evaluates its slices and the sums are all-reduced: every rank gets the result.
+    ``precision``: forward passes under its autocast (the loss in float32) and memory format
+    (a channels_last ``precision`` converts ``model`` in place)."""
     was = model.training
     model.eval()
     dev = _device(model)
+    precision = Precision() if precision is None else precision
+    precision.model(model)
     rank, world_size = world()
     loss, correct, total, n = 0.0, 0, 0, 0
     classification = True
@@ -124,8 +134,10 @@ def evaluate(
         ):
             if yb.shape[0] == 0:  # an empty slice of a small global batch
                 continue
-            xb, yb = xb.to(dev), yb.to(dev)
-            out = model(xb)
+            xb, yb = precision.inputs(xb, dev), yb.to(dev)
+            with precision.autocast(dev):
+                out = model(xb)
+            out = full_precision(out)
             if loss_fn is None:
                 loss += F.cross_entropy(out, yb, reduction="sum").item()
             else:

@@ -16,6 +16,11 @@ trains data-parallel (rank slices of each global batch, gradients and observer r
 all-reduced, evaluation sharded; see :mod:`hawq.data_parallel`) and gives the single-process
 weights at the same global batch; ``batchnorm`` chooses how BatchNorm behaves.
 
+Precision (``amp``, ``channels_last``; :mod:`hawq.precision`): forward passes of training and
+evaluation run under autocast (bf16, or fp16 with a ``GradScaler`` whose state is part of the
+``QATState``) and/or in channels_last memory; losses, parameters, optimizer state and the
+fake quantizers' arithmetic stay float32.
+
 Determinism: epoch ``g`` (counted over all stages) shuffles with a ``torch.Generator`` seeded
 by ``derive_seed(seed, "qat-data", g)``; the global torch RNG (dropout) is forked, seeded from
 the config and saved in the state. A ``QATState`` taken after any epoch holds the model (with
@@ -46,11 +51,13 @@ from hawq.data_parallel import (
     world,
 )
 from hawq.metrics import Data, LossFn, batches, count_correct, evaluate, task_loss
+from hawq.precision import AMP_MODES, Precision, full_precision
 from hawq.quant.bitconfig import BitConfig
 from hawq.quant.modules import quantize_, quantized_modules
 from hawq.seeding import derive_seed
 from hawq.validation import check_int, check_number, check_seed
 
+Scaler = torch.amp.GradScaler | None
 StepHook = Callable[[int, int, Callable[[], "QATState"]], None]
 """``on_step(global_epoch, steps_done_in_epoch, capture)``: after every optimizer step."""
 
@@ -89,6 +96,8 @@ class QATConfig:
     alpha: float = 0.9
     seed: int = 0
     batchnorm: str = "sync"  # "sync" | "frozen" | "local" (hawq.data_parallel.batchnorm_mode)
+    amp: str = "none"  # "none" | "bf16" | "fp16" (CUDA only): autocast of forward passes
+    channels_last: bool = False  # 4-D parameters and inputs in channels_last memory
 
     def __post_init__(self) -> None:
         check_int("epochs", self.epochs, low=1)
@@ -102,7 +111,7 @@ class QATConfig:
         check_number("temperature", self.temperature, low=0, low_open=True)
         check_number("alpha", self.alpha, low=0, high=1)
         check_seed("seed", self.seed)
-        for name in ("drop_last", "freeze_quantized"):
+        for name in ("drop_last", "freeze_quantized", "channels_last"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.schedule not in ("cosine", "step", "constant"):
@@ -113,6 +122,13 @@ class QATConfig:
             raise ValueError(f"loss must be 'ce' or 'distill', got {self.loss!r}")
         if self.batchnorm not in BATCHNORM_MODES:
             raise ValueError(f"batchnorm must be one of {BATCHNORM_MODES}, got {self.batchnorm!r}")
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
+
+    @property
+    def precision(self) -> Precision:
+        """The :class:`hawq.precision.Precision` of training and evaluation."""
+        return Precision(amp=self.amp, channels_last=self.channels_last)
 
     def lr_at(self, epoch: int) -> float:
         """Learning rate of epoch ``epoch`` (0-based) within a stage."""
@@ -192,7 +208,9 @@ def _freeze(model: nn.Module, names: Sequence[str]) -> None:
         model.get_submodule(n).requires_grad_(False)
 
 
-def _capture(model: nn.Module, opt: torch.optim.Optimizer, meta: dict[str, Any]) -> QATState:
+def _capture(
+    model: nn.Module, opt: torch.optim.Optimizer, meta: dict[str, Any], scaler: Scaler
+) -> QATState:
     def cpu(t: torch.Tensor) -> torch.Tensor:
         return t.detach().to("cpu", copy=True).contiguous()
 
@@ -210,6 +228,8 @@ def _capture(model: nn.Module, opt: torch.optim.Optimizer, meta: dict[str, Any])
     if dev.type == "cuda":
         tensors["rng.cuda"] = torch.cuda.get_rng_state(dev).clone()
     meta = {**meta, "optimizer": {"param_groups": sd["param_groups"], "state": state_meta}}
+    if scaler is not None:  # fp16: the loss scale and its growth counter
+        meta["grad_scaler"] = scaler.state_dict()
     return QATState(tensors=tensors, meta=meta)
 
 
@@ -305,10 +325,14 @@ def _train(
     on_step: StepHook | None = None,
 ) -> list[EpochRecord]:
     """The loop of :func:`run_qat` / :func:`train_float` (``bit_config=None``: no quantization)."""
+    dev = _device(model)
+    precision = config.precision
+    precision.check_device(dev)
     if config.loss == "distill":
         teacher = copy.deepcopy(model) if teacher is None else teacher
-        teacher.eval().requires_grad_(False)
-    dev = _device(model)
+        precision.model(teacher).eval().requires_grad_(False)
+    precision.model(model)
+    scaler = precision.grad_scaler(dev)
     base_meta = {
         "format": STATE_FORMAT,
         "stages": stages,
@@ -322,7 +346,9 @@ def _train(
         if state is None:
             torch.manual_seed(derive_seed(config.seed, "qat-torch"))
         else:
-            stage0, epoch0, opt_state, history = _restore(model, state, base_meta, bit_config)
+            stage0, epoch0, opt_state, history = _restore(
+                model, state, base_meta, bit_config, scaler
+            )
             partial = state.meta.get("partial")  # a mid-epoch state: the epoch's progress
         for s in range(stage0, len(stages)):
             if opt_state is None:  # entering stage s afresh
@@ -344,10 +370,10 @@ def _train(
                 if on_step is not None:
                     meta = {**base_meta, "stage": s, "epoch": e, "global_epoch": g,
                             "history": [asdict(r) for r in history]}  # fmt: skip
-                    hook = _step_hook(on_step, model, opt, meta)
+                    hook = _step_hook(on_step, model, opt, meta, scaler)
                 rec = _train_epoch(
                     model, opt, train_data, eval_data, config, teacher, loss_fn, dev, (s, e, g),
-                    partial=partial, on_step=hook,
+                    partial=partial, on_step=hook, scaler=scaler,
                 )  # fmt: skip
                 partial = None
                 history.append(rec)
@@ -364,17 +390,19 @@ def _train(
                         "global_epoch": g + 1,
                         "history": [asdict(r) for r in history],
                     }
-                    if on_epoch_end(rec, _capture(model, opt, meta)):
+                    if on_epoch_end(rec, _capture(model, opt, meta, scaler)):
                         return history
     return history
 
 
-def _step_hook(on_step: StepHook, model: nn.Module, opt: torch.optim.Optimizer, meta: dict):
+def _step_hook(
+    on_step: StepHook, model: nn.Module, opt: torch.optim.Optimizer, meta: dict, scaler: Scaler
+):  # fmt: skip
     """``(steps_done, sums) -> None`` for :func:`_train_epoch`, calling the user's ``on_step``."""
 
     def hook(steps: int, sums: dict[str, Any]) -> None:
         def capture() -> QATState:
-            return _capture(model, opt, {**meta, "partial": {"step": steps, **sums}})
+            return _capture(model, opt, {**meta, "partial": {"step": steps, **sums}}, scaler)
 
         on_step(meta["global_epoch"], steps, capture)
 
@@ -383,7 +411,7 @@ def _step_hook(on_step: StepHook, model: nn.Module, opt: torch.optim.Optimizer, 
 
 def _train_epoch(
     model, opt, train_data, eval_data, cfg, teacher, loss_fn, dev, where, *, partial=None,
-    on_step=None,
+    on_step=None, scaler=None,
 ) -> EpochRecord:  # fmt: skip
     s, e, g = where
     t0 = time.perf_counter()
@@ -393,6 +421,7 @@ def _train_epoch(
     gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "qat-data", g))
     model.train()
     rank, world_size = world()
+    precision = cfg.precision
     params = [p for group in opt.param_groups for p in group["params"]]
     tot, correct, total, n, classification, skip = 0.0, 0, 0, 0, True, 0
     if partial is not None:  # resumed mid-epoch: same order, the first `skip` batches done
@@ -403,21 +432,29 @@ def _train_epoch(
         start=skip, rank=rank, world_size=world_size,
     )  # fmt: skip
     for k, (xb, yb) in enumerate(cut, start=skip):  # resumed: the first `skip` not drawn
-        xb, yb = xb.to(dev), yb.to(dev)
-        out = model(xb)
+        xb, yb = precision.inputs(xb, dev), yb.to(dev)
         t_out = None
-        if teacher is not None and cfg.loss == "distill":
-            with torch.no_grad():
-                t_out = teacher(xb)
+        with precision.autocast(dev):
+            out = model(xb)
+            if teacher is not None and cfg.loss == "distill":
+                with torch.no_grad():
+                    t_out = teacher(xb)
+        out, t_out = full_precision(out), full_precision(t_out)  # losses in float32
         b = yb.shape[0]
         if world_size == 1:
             loss = _loss(cfg, out, yb, t_out, loss_fn)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss if scaler is None else scaler.scale(loss)).backward()
             step_loss, counts = loss.item() * b, count_correct(out, yb)
         else:  # this rank's share of the global batch mean; gradients and sums over all ranks
-            b, step_loss, counts = _data_parallel_step(cfg, opt, params, out, yb, t_out, loss_fn)
-        opt.step()
+            b, step_loss, counts = _data_parallel_step(
+                cfg, opt, params, out, yb, t_out, loss_fn, scaler
+            )
+        if scaler is None:
+            opt.step()
+        else:  # unscale, skip the step on inf/NaN gradients, adapt the scale
+            scaler.step(opt)
+            scaler.update()
         if world_size > 1 and cfg.batchnorm == "local":
             broadcast_buffers(model)
         tot += step_loss
@@ -433,7 +470,7 @@ def _train_epoch(
     ev_loss = ev_acc = None
     if eval_data is not None:
         ev_loss, ev_acc = evaluate(
-            model, eval_data, batch_size=cfg.eval_batch_size, loss_fn=loss_fn
+            model, eval_data, batch_size=cfg.eval_batch_size, loss_fn=loss_fn, precision=precision
         )
     nq = len(quantized_modules(model))
     return EpochRecord(
@@ -450,15 +487,18 @@ def _train_epoch(
     )
 
 
-def _data_parallel_step(cfg, opt, params, out, yb, t_out, loss_fn):  # noqa: ANN001, ANN202
-    """Backward of this rank's share ``(b_r / b) L_r`` and the all-reduce of the gradients;
-    returns the global ``(b, loss sum, (correct, total) or None)`` of the step."""
+def _data_parallel_step(cfg, opt, params, out, yb, t_out, loss_fn, scaler):  # noqa: ANN001, ANN202
+    """Backward of this rank's share ``(b_r / b) L_r`` (times the fp16 loss scale) and the
+    all-reduce of the gradients; returns the global ``(b, loss sum, (correct, total) or None)``
+    of the step. The summed gradients are equal on every rank, so every rank's ``GradScaler``
+    takes the same skip / scale decisions."""
     b_r = yb.shape[0]
     (b,) = all_reduce_sums([b_r], out.device)
     # an empty slice (a global batch smaller than the world) still joins the collectives
     loss = _loss(cfg, out, yb, t_out, loss_fn) if b_r else out.sum() * 0.0
     opt.zero_grad(set_to_none=True)
-    (loss * (b_r / b)).backward()
+    share = loss * (b_r / b)
+    (share if scaler is None else scaler.scale(share)).backward()
     counts = count_correct(out, yb)
     local = [loss.item() * b_r, *(counts or (0, 0)), float(counts is None)]
     step_loss, correct, total, no_counts = reduce_step(params, local)
@@ -466,15 +506,22 @@ def _data_parallel_step(cfg, opt, params, out, yb, t_out, loss_fn):  # noqa: ANN
 
 
 def _restore(
-    model: nn.Module, state: QATState, base_meta: dict[str, Any], bit_config: BitConfig | None
+    model: nn.Module,
+    state: QATState,
+    base_meta: dict[str, Any],
+    bit_config: BitConfig | None,
+    scaler: Scaler,
 ):
     meta = state.meta
     if meta.get("format") != STATE_FORMAT:
         raise ValueError(f"state format must be {STATE_FORMAT!r}, got {meta.get('format')!r}")
+    cfg = QATConfig.from_dict(meta["config"])  # keys added since the state was saved: defaults
+    saved = {**meta, "config": cfg.to_dict()}
     for key in ("stages", "config", "bit_config"):
-        if meta[key] != base_meta[key]:
+        if saved[key] != base_meta[key]:
             raise ValueError(f"state was saved with a different {key}: {meta[key]!r}")
-    cfg = QATConfig.from_dict(meta["config"])
+    if scaler is not None:  # same config: amp 'fp16', saved with the scaler's state
+        scaler.load_state_dict(meta["grad_scaler"])
     stages, s, e = meta["stages"], int(meta["stage"]), int(meta["epoch"])
     if bit_config is not None:
         quantize_(model, bit_config, modules=_stage_modules(stages, s + 1))

@@ -43,6 +43,7 @@ from pipeline.stages.base import Params, resolve_device
 from pipeline.stages.parallel import check_world_size
 from pipeline.store import RunStore
 from pipeline.validate import (
+    check_devices,
     check_extras,
     check_identity,
     check_imports,
@@ -205,6 +206,7 @@ def prepare(
     device = resolve_device(cfg.run.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("run.device", "cuda is not available here; use 'cpu' or 'auto'")
+    check_devices(cfg, device)
     from pipeline.config import check_paths
 
     check_paths(cfg)

@@ -27,6 +27,7 @@ from pipeline.user_code import check_imports
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "check_devices",
     "check_extras",
     "check_hessian_memory",
     "check_identity",
@@ -50,6 +51,26 @@ def check_extras(cfg: RunConfig) -> None:
         if needed and not available(module):
             dist = EXTRAS[module][0]
             raise ConfigError(key, f"{value!r} needs {dist}. Fix: {install_hint(module)}")
+
+
+def check_devices(cfg: RunConfig, device: torch.device) -> None:
+    """The resolved device can run ``precision.amp``, and a private Ray's GPUs can hold the
+    Hessian actors (``backend.gpus_per_actor``; a joined cluster is checked when they start)."""
+    bf16 = device.type != "cuda" or torch.cuda.is_bf16_supported()
+    cfg.precision.check_device(device.type, bf16_supported=bf16)
+    b = cfg.backend
+    if b.kind != "ray" or not b.gpus_per_actor or b.address is not None:
+        return
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    need = b.data_shards * b.block_groups * b.gpus_per_actor
+    if need > have + 1e-9:
+        raise ConfigError(
+            "backend.gpus_per_actor",
+            f"{b.data_shards} x {b.block_groups} Hessian actors x {b.gpus_per_actor:g} GPU need "
+            f"{need:g} GPUs; this machine has {have}. Fix: lower backend.gpus_per_actor (a "
+            "fraction shares a GPU), backend.data_shards or backend.block_groups, set it to 0 "
+            "(CPU actors), or join a cluster with GPUs (backend.address)",
+        )
 
 
 def check_run_dir(root: Path) -> None:

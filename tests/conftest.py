@@ -30,6 +30,19 @@ def _single_thread():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture(scope="module")
+def digits() -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """sklearn's digits as (N, 1, 8, 8) images in [0, 1], shuffled: 1,400 train, 397 test."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(d.target, dtype=torch.long)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    x, y = x[perm], y[perm]
+    return (x[:1400], y[:1400]), (x[1400:], y[1400:])
+
+
 @dataclass
 class Problem:
     name: str

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from jpeg_folder import corrupt_jpeg, make_imagefolder
 from tiny_run import REPO, copy_of_finished_run, hawq_cmd, subprocess_env, write_config
 
@@ -186,6 +187,16 @@ CASES: dict[str, tuple[Setup, list[str]]] = {
         ["override 'allocation.compression'", "must look like 'section.key=value'"],
     ),
 }
+
+if not torch.cuda.is_available():  # with a GPU these configs are valid
+    CASES["fp16 with run.device auto and no GPU"] = (
+        lambda t, f: _run(t, {"run": {"device": "auto"}, "precision": {"amp": "fp16"}}),
+        ["precision.amp: 'fp16' needs CUDA but run.device 'auto' found none here", "bf16"],
+    )
+    CASES["GPU Hessian actors without GPUs"] = (
+        lambda t, f: _run(t, {"backend": {"kind": "ray", "gpus_per_actor": 0.5}}),
+        ["backend.gpus_per_actor: 1 x 1 Hessian actors x 0.5 GPU need 0.5 GPUs", "has 0"],
+    )
 
 
 def _tree(root: Path) -> dict[str, int]:

@@ -2,7 +2,8 @@
 
 Real Ray: a local instance (``ray.init(address="local", num_cpus=2)``) and a 3-node
 ``ray.cluster_utils.Cluster`` (three raylets on this host: a second physical host cannot be had
-here). Actors form real gloo process groups. GPU actors (nccl) cannot run here and are untested.
+here). Actors form real gloo process groups. GPU actors (fractional GPUs with gloo, whole GPUs
+with nccl): tests/test_gpu.py, skipped without CUDA.
 """
 
 from __future__ import annotations

@@ -28,6 +28,9 @@ other batches are rebuilt on every HVP (forward + create-graph backward w.r.t. t
 blocks only + the HVP backward: about 3-4x the cost of a cached HVP, but no memory kept).
 ``None`` keeps every graph, ``0`` none.
 
+Precision: graphs and HVPs run under :func:`hawq.precision.exact_float32` (no autocast, no
+TF32), in the model's own dtype (float32 or float64), even inside a caller's autocast region.
+
 Data parallelism: ``allreduce(t)`` sums a flat tensor across data shards (in place, or by
 returning the sum); every HVP does one local weighted sum ``sum_j n_j H_j v`` -> allreduce ->
 divide by the global ``N``. An error flag travels in the same tensor, so a failure on one
@@ -47,6 +50,7 @@ from torch.func import functional_call
 from hawq.blocks import Block, partition_blocks
 from hawq.hessian.backward_support import find_double_backward_failures
 from hawq.hessian.double_backward import LeanSecondOrder, SavedBytes
+from hawq.precision import exact_float32
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +141,9 @@ class HessianOperator:
         self.graph_bytes = 0
         self.hvp_count = 0
         local_n = torch.tensor(
-            [float(sum(x.shape[0] for x, _ in self._batches))], dtype=torch.float64
+            [float(sum(x.shape[0] for x, _ in self._batches))],
+            dtype=torch.float64,
+            device=self.device,
         )
         self.n_samples = int(self._reduce(local_n)[0].item())
         if self.n_samples <= 0:
@@ -219,7 +225,7 @@ class HessianOperator:
         x, y = self._batches[j]
         params = {**self._detached, **{n: self._leaves[n] for n in pnames}}
         hooks = meter.hooks() if meter is not None else contextlib.nullcontext()
-        with torch.enable_grad(), self._lean, hooks:
+        with torch.enable_grad(), exact_float32(self.device), self._lean, hooks:
             loss = self.loss_fn(functional_call(self.model, params, (x,)), y)
             if not isinstance(loss, Tensor) or loss.dim() != 0:
                 raise ValueError("loss_fn must return a scalar (the mean loss over the batch)")
@@ -290,7 +296,7 @@ class HessianOperator:
                 continue
             self._lean.wanted = {id(t) for t in leaves}
             try:
-                with torch.enable_grad():
+                with torch.enable_grad(), exact_float32(self.device):
                     hv = torch.autograd.grad(
                         outs, leaves, grad_outputs=gouts, retain_graph=cached, allow_unused=True
                     )

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hawq.data_parallel import sync_min_max
+from hawq.precision import Precision
 from hawq.quant.bitconfig import BitConfig, LayerBits
 from hawq.quant.primitives import (
     CLIP_KEYS,
@@ -286,12 +287,17 @@ def bit_config_of(model: nn.Module) -> BitConfig:
 
 
 @torch.no_grad()
-def calibrate_(model: nn.Module, batches: Iterable[torch.Tensor]) -> nn.Module:
+def calibrate_(
+    model: nn.Module, batches: Iterable[torch.Tensor], *, precision: Precision | None = None
+) -> nn.Module:
     """Observe activation ranges on ``batches`` (inputs only) with everything else in eval mode.
 
     Only the ``ActQuant`` modules are put in training mode (BatchNorm statistics stay put);
-    all training flags are restored afterwards.
+    all training flags are restored afterwards. ``precision``: the forward passes' autocast and
+    memory format (those evaluation will use, so the ranges are of the same activations).
     """
+    precision = Precision() if precision is None else precision
+    precision.model(model)
     modes = {m: m.training for m in model.modules()}
     model.eval()
     for m in model.modules():
@@ -299,7 +305,9 @@ def calibrate_(model: nn.Module, batches: Iterable[torch.Tensor]) -> nn.Module:
             m.train()
     try:
         for xb in batches:
-            model(xb)
+            xb = precision.inputs(xb, xb.device)
+            with precision.autocast(xb.device):
+                model(xb)
     finally:
         for m, t in modes.items():
             m.train(t)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from hawq.precision import quantizer_float32
 from hawq.validation import (
     FLOAT_BITS,
     check_bits,
@@ -151,6 +152,7 @@ def clip_range(
     return weight_range(w, per_channel=per_channel, percentile=percentile)
 
 
+@quantizer_float32
 def weight_scale(
     w: torch.Tensor,
     bits: int,
@@ -208,6 +210,7 @@ class _FakeQuantSTE(torch.autograd.Function):
         return torch.where(mask, grad, 0.0), None, None, None
 
 
+@quantizer_float32
 def fake_quantize(
     x: torch.Tensor,
     scale: torch.Tensor,
@@ -227,6 +230,7 @@ def fake_quantize(
     return _FakeQuantSTE.apply(x, scale, qmin - z, qmax - z)
 
 
+@quantizer_float32
 def quantize_weight(
     w: torch.Tensor,
     bits: int,
@@ -251,6 +255,7 @@ def quantize_weight(
     return fake_quantize(w, s, None, -qmax, qmax)
 
 
+@quantizer_float32
 def quantize_weight_int(
     w: torch.Tensor,
     bits: int,
@@ -292,6 +297,7 @@ def act_qparams(
     return scale, zero_point
 
 
+@quantizer_float32
 def quantize_act(
     x: torch.Tensor, lo: torch.Tensor | float, hi: torch.Tensor | float, bits: int
 ) -> torch.Tensor:

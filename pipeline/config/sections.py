@@ -22,6 +22,7 @@ from pipeline.config.inputs import (
     RunSection,
     check_import_path,
 )
+from pipeline.config.precision import PrecisionSection
 from pipeline.config.strict import (
     ConfigError,
     Section,
@@ -260,15 +261,19 @@ class FinetuneSection(Section):
         check_number("gamma", self.gamma, low=0, high=1, low_open=True)
         check_number("alpha", self.alpha, low=0, high=1)
 
-    def to_hawq(self, *, seed: int, eval_batch_size: int) -> QATConfig:
-        """The hawq ``QATConfig`` (``epochs_per_stage`` -> ``epochs``; seed: ``run.seed``)."""
+    def to_hawq(
+        self, *, seed: int, eval_batch_size: int, precision: PrecisionSection | None = None
+    ) -> QATConfig:
+        """The hawq ``QATConfig`` (``epochs_per_stage`` -> ``epochs``; seed: ``run.seed``;
+        ``amp`` / ``channels_last``: the run's ``precision`` section)."""
         from hawq import QATConfig
 
         d = self.to_dict()
         d["epochs"] = max(1, d.pop("epochs_per_stage"))  # 0 runs no QAT at all
         for key in ("blocks_per_stage", "order", "checkpoint_every_steps"):
             del d[key]
-        return QATConfig(**d, seed=seed, eval_batch_size=eval_batch_size)
+        amp = (precision or PrecisionSection()).to_dict()
+        return QATConfig(**d, **amp, seed=seed, eval_batch_size=eval_batch_size)
 
     def order_to_hawq(self, allocation: AllocationSection, *, seed: int) -> OrderConfig:
         """The hawq ``OrderConfig`` of the fine-tuning order (Omega as the allocation sees it)."""
@@ -312,8 +317,11 @@ class BaselineSection(Section):
         check_positive("weight_decay", self.weight_decay, allow_zero=True)
         check_number("momentum", self.momentum, low=0, high=1, high_open=True)
 
-    def to_hawq(self, *, seed: int, eval_batch_size: int) -> QATConfig:
-        """The hawq ``QATConfig`` that ``hawq.qat.train_float`` trains the float model with.
+    def to_hawq(
+        self, *, seed: int, eval_batch_size: int, precision: PrecisionSection | None = None
+    ) -> QATConfig:
+        """The hawq ``QATConfig`` that ``hawq.qat.train_float`` trains the float model with
+        (``amp`` / ``channels_last``: the run's ``precision`` section).
 
         ``train_epochs: 0`` trains nothing (the stage does not call it; ``epochs`` is then 1).
         The ``step`` schedule divides the LR by 10 every third of the epochs.
@@ -331,6 +339,7 @@ class BaselineSection(Section):
             step_size=max(1, self.train_epochs // 3),
             seed=seed,
             eval_batch_size=eval_batch_size,
+            **(precision or PrecisionSection()).to_dict(),
         )
 
 
@@ -349,7 +358,8 @@ class BackendSection(Section):
     cpus_per_actor: float = 1.0
     """Ray: CPUs reserved per actor."""
     gpus_per_actor: float = 0.0
-    """Ray: GPUs reserved per actor."""
+    """Ray: GPUs per actor; > 0 runs the HVPs on CUDA. Below 1 (e.g. 0.25: four actors share a
+    GPU, for small models) the actors all-reduce with gloo; whole GPUs use nccl."""
     memory_budget_mb: float | None = None
     """Ray: per-actor cap on cached first-order graphs; null = hessian.memory_budget_mb."""
 
@@ -357,6 +367,10 @@ class BackendSection(Section):
         for key in ("data_shards", "block_groups", "cpus_per_actor", "memory_budget_mb"):
             check_positive(key, getattr(self, key))
         check_positive("gpus_per_actor", self.gpus_per_actor, allow_zero=True)
+        if self.gpus_per_actor and self.kind != "ray":
+            fail("gpus_per_actor", "only applies to backend.kind: ray (local runs on run.device)")
+        if self.gpus_per_actor > 1 and self.gpus_per_actor != int(self.gpus_per_actor):
+            fail("gpus_per_actor", f"{self.gpus_per_actor} above 1 must be a whole number")
         if self.address is not None:
             if self.kind != "ray":
                 fail("address", "only applies to backend.kind: ray")
@@ -405,6 +419,8 @@ class RunConfig(Section):
     """Where the Hessian stage runs."""
     distributed: DistributedSection = field(default_factory=DistributedSection)
     """Data-parallel baseline training, fine-tuning and evaluation."""
+    precision: PrecisionSection = field(default_factory=PrecisionSection)
+    """Mixed precision (AMP) and channels_last of training and evaluation."""
 
     def check(self) -> None:
         if self.loss is not None:
@@ -421,6 +437,7 @@ class RunConfig(Section):
                 fail("model.num_classes", f"{self.model.num_classes} but {what} has {classes}")
             if self.model.image_size is not None and self.model.image_size != side:
                 fail("model.image_size", f"{self.model.image_size} but {what} is {side}x{side}")
+        self.precision.check_devices(self.run.device, self.distributed)
         if self.allocation.sensitivity == "trace" and not self.hessian.trace:
             fail("allocation.sensitivity", "'trace' needs hessian.trace: true")
         batches = -(-self.data.hessian_samples // self.data.hessian_batch_size)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from hawq import derive_seed, evaluate
+from hawq.precision import Precision
 from hawq.qat import QATConfig, QATState, train_float
 from pipeline.config import RunConfig
 from pipeline.data import DataBundle
@@ -60,6 +61,7 @@ def params(cfg: RunConfig, fingerprint: str) -> Params:
         "run.seed": cfg.run.seed,
         "data.fingerprint": fingerprint,
         **world_param(cfg, cfg.baseline.batchnorm),
+        **cfg.precision.stage_params(),
     }
 
 
@@ -81,6 +83,7 @@ class BaselineJob:
     train: QATConfig | None  # None: evaluate only
     eval_batch_size: int
     loss_fn: LossFn | None
+    precision: Precision
     state: QATState | None = None
 
 
@@ -101,7 +104,9 @@ def train_and_evaluate(job: BaselineJob, rank: Rank) -> dict[str, Any]:
             on_step=rank.on_step,
         )
     bs = job.eval_batch_size
-    loss, acc = evaluate(model, data.eval_data(bs), batch_size=bs, loss_fn=job.loss_fn)
+    loss, acc = evaluate(
+        model, data.eval_data(bs), batch_size=bs, loss_fn=job.loss_fn, precision=job.precision
+    )
     return {"weights": model.state_dict(), "eval_loss": loss, "eval_acc": acc}
 
 
@@ -109,7 +114,9 @@ def run(ctx: StageContext) -> None:
     """Load or train the float model, evaluate it, save weights and metrics."""
     cfg = ctx.cfg
     epochs = cfg.baseline.train_epochs
-    tcfg = cfg.baseline.to_hawq(seed=cfg.run.seed, eval_batch_size=cfg.data.batch_size)
+    tcfg = cfg.baseline.to_hawq(
+        seed=cfg.run.seed, eval_batch_size=cfg.data.batch_size, precision=cfg.precision
+    )
     model = initial_model(cfg)
     job = BaselineJob(
         model=ModelSource(build=model_factory(cfg.model), weights=model.state_dict()),
@@ -117,6 +124,7 @@ def run(ctx: StageContext) -> None:
         train=tcfg if epochs > 0 else None,
         eval_batch_size=cfg.data.batch_size,
         loss_fn=ctx.loss_fn(),
+        precision=cfg.precision.to_hawq(),
     )
     if epochs > 0:
 

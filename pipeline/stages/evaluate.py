@@ -20,7 +20,9 @@ from torch import nn
 
 from hawq import BitConfig, evaluate, quantize_, size_summary
 from hawq.metrics import wilson_interval
+from hawq.precision import Precision
 from hawq.quant.modules import calibrate_
+from pipeline.config import RunConfig
 from pipeline.data import DataBundle
 from pipeline.data_factory import FactoryData
 from pipeline.models import LossFn
@@ -31,7 +33,7 @@ from pipeline.stages.artifacts import (
     load_bit_config,
     qat_stages,
 )
-from pipeline.stages.base import Stage, StageContext, no_params
+from pipeline.stages.base import Params, Stage, StageContext
 from pipeline.stages.parallel import Rank, rank_data, run_ranks
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,12 @@ class EvaluateJob:
     data: DataBundle | FactoryData
     batch_size: int
     loss_fn: LossFn | None
+    precision: Precision
+
+
+def params(cfg: RunConfig, fingerprint: str) -> Params:
+    """The precision of the evaluations (none at the defaults: the key follows upstream)."""
+    return cfg.precision.stage_params()
 
 
 def evaluate_models(job: EvaluateJob, rank: Rank) -> list[tuple[float, float]]:
@@ -87,9 +95,12 @@ def evaluate_models(job: EvaluateJob, rank: Rank) -> list[tuple[float, float]]:
 
     def score(model: nn.Module) -> tuple[float, float]:
         data = job.data.eval_data(job.batch_size)
-        return evaluate(model, data, batch_size=job.batch_size, loss_fn=job.loss_fn)
+        return evaluate(
+            model, data, batch_size=job.batch_size, loss_fn=job.loss_fn, precision=job.precision
+        )
 
-    ptq = calibrate_(quantized(), [x.to(dev) for x in job.calibration])
+    calibration = [x.to(dev) for x in job.calibration]
+    ptq = calibrate_(quantized(), calibration, precision=job.precision)
     final = quantized()
     final.load_state_dict(job.finetuned)
     return [score(job.float_model.model(dev)), score(ptq), score(final.eval())]
@@ -111,6 +122,7 @@ def run(ctx: StageContext) -> None:
         data=rank_data(ctx),
         batch_size=ctx.cfg.data.batch_size,
         loss_fn=ctx.loss_fn(),
+        precision=ctx.cfg.precision.to_hawq(),
     )
     (fl, fa), (pl, pa_), (loss, acc) = run_ranks(ctx, evaluate_models, job)
     rows = [
@@ -148,7 +160,7 @@ def run(ctx: StageContext) -> None:
 STAGE = Stage(
     name="evaluate",
     deps=("finetune",),
-    params=no_params,
+    params=params,
     run=run,
     outputs=("metrics.parquet",),
     summary="accuracy: float, PTQ, per fine-tuning stage, final",

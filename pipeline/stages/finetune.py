@@ -52,6 +52,7 @@ def params(cfg: RunConfig, fingerprint: str) -> Params:
         "run.seed": cfg.run.seed,
         "data.batch_size": cfg.data.batch_size,
         **world_param(cfg, cfg.finetune.batchnorm),
+        **cfg.precision.stage_params(),
     }
 
 
@@ -93,12 +94,14 @@ def run(ctx: StageContext) -> None:
     cfg = ctx.cfg
     if cfg.finetune.epochs_per_stage == 0:
         model = quantized_float_model(ctx)
-        calibrate_(model, calibration_inputs(ctx))
+        calibrate_(model, calibration_inputs(ctx), precision=cfg.precision.to_hawq())
         ctx.write_tensors("model.safetensors", model.state_dict())
         ctx.write_table("epochs.parquet", epoch_table(ctx.stage, []))
         return
     stages = qat_stages(ctx)
-    qcfg = cfg.finetune.to_hawq(seed=cfg.run.seed, eval_batch_size=cfg.data.batch_size)
+    qcfg = cfg.finetune.to_hawq(
+        seed=cfg.run.seed, eval_batch_size=cfg.data.batch_size, precision=cfg.precision
+    )
     job = FinetuneJob(
         float_model=float_source(ctx),
         stages=stages,

@@ -29,7 +29,11 @@ group with a new generation, reload the job and redo the work item: HVPs are pur
 (vector, shard), so results are unchanged. Resume: blocks in ``done`` are not recomputed;
 ``on_row`` gets each new eigen row as it finishes (in completion order).
 
-GPU use (``gpus_per_actor > 0``: device ``cuda``, nccl for whole GPUs) is untested here.
+GPUs (``gpus_per_actor > 0``): the actors run their HVPs on ``cuda`` (the first GPU Ray gave
+them) in ``hessian.dtype``, without autocast or TF32 (:func:`hawq.precision.exact_float32`).
+Whole GPUs (``>= 1``) all-reduce with nccl; a fraction (e.g. 0.25: four actors share one GPU,
+enough for small models) with gloo on the CUDA tensors, since nccl cannot put two ranks on one
+device. Tested by ``tests/test_gpu.py`` where CUDA is present (skipped elsewhere).
 """
 
 from __future__ import annotations
