@@ -1,14 +1,15 @@
 """Block Hessian analysis: HVP operator, eigen and trace solvers, the sensitivity table.
 
 ``operator`` (block-restricted HVPs; ``double_backward`` and ``backward_support`` serve it),
-``eigen`` (power iteration, Lanczos, deflation), ``trace`` (Hutchinson) and ``table``
-(``HessianConfig``, ``analyze`` -> one row per block). This package re-exports their public
-names.
+``graph_memory`` (what a cached graph costs), ``eigen`` (power iteration, Lanczos, deflation),
+``trace`` (Hutchinson) and ``table`` (``HessianConfig``, ``analyze`` -> one row per block).
+This package re-exports their public names.
 """
 
 from hawq.hessian.backward_support import find_double_backward_failures
 from hawq.hessian.eigen import EigenResult, lanczos, power_iteration, top_k
-from hawq.hessian.operator import HessianError, HessianOperator
+from hawq.hessian.graph_memory import GraphMemory, measure_graph_memory
+from hawq.hessian.operator import HessianError, HessianOperator, batches_to_cache
 from hawq.hessian.table import (
     EIGEN_COLUMNS,
     EIGEN_RESULT_COLUMNS,
@@ -31,16 +32,19 @@ __all__ = [
     "SENSITIVITY_SCHEMA",
     "TRACE_COLUMNS",
     "EigenResult",
+    "GraphMemory",
     "HessianConfig",
     "HessianError",
     "HessianOperator",
     "TraceResult",
     "analyze",
+    "batches_to_cache",
     "block_eigen_row",
     "eigen_row",
     "find_double_backward_failures",
     "hutchinson",
     "lanczos",
+    "measure_graph_memory",
     "power_iteration",
     "probe_sample",
     "rademacher_probe",
