@@ -16,9 +16,10 @@ Prints, from one run on real CIFAR-10 training images (``cifar10_subset.npz``):
     (hawq Lanczos at tol 1e-8);
 (c) the same with ``--batches`` batches (PyHessian's dataloader mode);
 (d) HVPs per block used by each method;
-(e) traces: joint HVPs until each block's Hutchinson stderr is <= 5%, plain vs deflated
-    (``hawq.hessian.trace_deflated``) on the same probes, with ``--trace-batches`` batches
-    (section code in ``hessian_trace.py``; ``--only-trace`` runs just this section).
+(e) traces: HVPs until each block's Hutchinson stderr is <= 5%, plain vs deflated
+    (``hawq.hessian.trace_deflated``), from the per-probe variances of both on the same
+    ``--trace-probes`` probes, with ``--trace-batches`` batches (section code in
+    ``hessian_trace.py``; ``--only-trace`` runs just this section).
 
 The CPU timings are wall-clock on whatever else runs on the machine; compare the ratios
 from one run. ``--skip-pyhessian``, ``--skip-multi``, ``--blocks N`` give quick runs.
@@ -315,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--skip-pyhessian", action="store_true")
     ap.add_argument("--skip-multi", action="store_true", help="skip (c)")
     ap.add_argument("--trace-batches", type=int, default=8, help="batches for (e)")
-    ap.add_argument("--trace-max-probes", type=int, default=400)
+    ap.add_argument("--trace-probes", type=int, default=100, help="shared probes measured in (e)")
     ap.add_argument("--skip-trace", action="store_true", help="skip (e)")
     ap.add_argument("--only-trace", action="store_true", help="run (e) only")
     ap.add_argument("--out", type=Path, help="also write the tables as markdown here")
@@ -342,8 +343,9 @@ def main(argv: list[str] | None = None) -> None:
     emit("\n".join(report))
     if not args.skip_trace:
         out = trace_hvps(model, batches[: args.trace_batches], blocks, tol=args.tol,
-                         seed=args.seed, max_probes=args.trace_max_probes)  # fmt: skip
-        emit(f"\n## (e) Hutchinson traces to 5% stderr, {args.trace_batches} batches\n")
+                         seed=args.seed, probes=args.trace_probes)  # fmt: skip
+        emit(f"\n## (e) Hutchinson traces to 5% stderr, plain vs deflated, {args.trace_batches} x "
+             f"{args.batch_size} samples\n")  # fmt: skip
         emit(trace_report(blocks, out, md_table))
     if args.only_trace:
         finish(report, args.out)

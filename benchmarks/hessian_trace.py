@@ -1,17 +1,27 @@
 """Section (e) of ``hessian_bench.py``: HVPs to a 5% trace stderr, plain vs deflated Hutchinson.
 
-One ``HessianOperator`` over the batches; every block's Lanczos eigen solve (as the pipeline
-runs it, tol ``--tol``) gives its Krylov basis. Then both estimators consume the same
-Rademacher probes ``p = 0, 1, ...`` (``hawq.hessian.trace.rademacher_probe``) under the production
-stopping rule (``hutchinson``: ``stderr <= tol |mean|`` after ``min_probes``), each
-probe being one joint HVP over all blocks. Reported per block: probes (= HVPs) until its trace
-froze, the estimates, and the per-probe variance ratio on the probes both computed; in total:
-joint HVPs until every block froze (the cost of the trace phase). HVP counts are deterministic
-(no timings), so a loaded machine does not change them.
+One ``HessianOperator`` over the batches (every graph cached); every block's eigen solve (as
+the pipeline runs it, tol ``--tol``) gives its Krylov basis. Then ``probes`` shared Rademacher
+probes ``p = 0, 1, ...`` (``hawq.hessian.trace.rademacher_probe``) are each evaluated twice,
+plainly and deflated, each time with one joint HVP over all blocks: the two estimators see the
+same probes. Per block and estimator this measures the per-probe variance ``s^2``; the HVPs
+(= probes) that the production rule (``hutchinson``: stop when ``stderr <= tol |mean|``, after
+``min_probes``) needs follow as
+
+    m = max(min_probes, ceil(s^2 / (tol T)^2)),
+
+with one trace estimate ``T`` for both estimators (the deflated mean, the more precise), so the
+ratio of the two counts is the measured variance ratio (unless ``min_probes`` binds). Where the
+rule already stops within the measured probes, that measured count is printed too. The joint
+count (the trace phase stops when every block froze) is the slowest block's. Variances from
+``n`` probes carry a relative standard error of about ``sqrt(2 / (n - 1))`` (Gaussian samples;
+more with heavy tails), which is the projection's uncertainty. HVP counts are deterministic (no
+timings), so a loaded machine does not change them.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 
 import torch
@@ -20,8 +30,10 @@ import torch.nn.functional as F
 from hawq.blocks import Block
 from hawq.hessian.operator import HessianOperator
 from hawq.hessian.table import HessianConfig, block_eigen
-from hawq.hessian.trace import hutchinson, joint_probe_samples, rademacher_probe
+from hawq.hessian.trace import joint_probe_samples, rademacher_probe
 from hawq.hessian.trace_deflated import Deflation
+
+KINDS = ("plain", "deflated")
 
 
 def trace_hvps(
@@ -31,109 +43,108 @@ def trace_hvps(
     *,
     tol: float,
     seed: int,
+    probes: int = 100,
     trace_tol: float = 0.05,
-    max_probes: int = 400,
     min_probes: int = 10,
 ) -> dict:
-    """Per-block probes to ``trace_tol`` for both estimators, plus the eigen HVPs spent."""
+    """Per-probe samples of both estimators on ``probes`` shared probes, and the eigen HVPs."""
     config = HessianConfig(tol=tol, max_iter=100, trace=False, seed=seed)
     budget = 64 * 2**30  # cache every graph (and measure them)
     with HessianOperator(model, F.cross_entropy, batches, blocks, memory_budget_bytes=budget) as op:
-        tops = {b.name: block_eigen(op, b, config)[1] for b in blocks}
-        deflation = Deflation.from_eigen(tops)
+        solved = {b.name: block_eigen(op, b, config) for b in blocks}
+        deflation = Deflation.from_eigen({name: top for name, (_, top) in solved.items()})
         dims = {b.name: op.dim(b.name) for b in blocks}
-        cache: dict[str, dict[int, dict[str, float]]] = {"plain": {}, "deflated": {}}
-
-        def sampler(kind: str):
-            def sample(p: int) -> dict[str, float]:
-                if p not in cache[kind]:
-                    vs = rademacher_probe(dims, seed, p, dtype=op.dtype, device=op.device)
-                    defl = deflation if kind == "deflated" else None
-                    cache[kind][p] = joint_probe_samples(op, vs, defl)
-                return cache[kind][p]
-
-            return sample
-
-        names = [b.name for b in blocks]
-        kw = dict(tol=trace_tol, max_probes=max_probes, min_probes=min_probes)
-        results = {kind: hutchinson(sampler(kind), names, **kw) for kind in cache}
+        samples: dict[str, list[dict[str, float]]] = {kind: [] for kind in KINDS}
+        for p in range(probes):
+            vs = rademacher_probe(dims, seed, p, dtype=op.dtype, device=op.device)
+            samples["plain"].append(joint_probe_samples(op, vs))
+            samples["deflated"].append(joint_probe_samples(op, vs, deflation))
         graph_mb = op.graph_bytes / 2**20
-    common = sorted(set(cache["plain"]) & set(cache["deflated"]))
-    variance_ratio = {
-        b: statistics.variance([cache["plain"][p][b] for p in common])
-        / max(statistics.variance([cache["deflated"][p][b] for p in common]), 1e-300)
-        for b in names
-    }
     return {
-        "results": results,
-        "joint_hvps": {kind: len(c) for kind, c in cache.items()},
-        "variance_ratio": variance_ratio,
-        "common_probes": len(common),
+        "samples": samples,
+        "probes": probes,
         "basis_vectors": {b: q.shape[0] for b, q in deflation.bases.items()},
         "basis_mb": deflation.nbytes / 2**20,
-        "eigen_hvps": sum(r.hvps for r in tops.values()),
+        "eigen_hvps": sum(row["hvps"] for row, _ in solved.values()),
         "graph_mb": graph_mb,
-        "max_probes": max_probes,
         "trace_tol": trace_tol,
+        "min_probes": min_probes,
     }
 
 
-def _probes(r, trace: float, cap: int) -> str:
-    """Probes to freeze; for a block that did not, ``>cap (~n)`` with ``n`` projected."""
-    if r.converged:
-        return str(r.probes)
-    return f">{cap} (~{needed(r, trace):.0f})"
+def frozen_at(xs: list[float], tol: float, min_probes: int) -> int | None:
+    """Probes after which the production rule stops (``stderr <= tol |mean|``), or None."""
+    for n in range(min_probes, len(xs) + 1):
+        head = xs[:n]
+        if statistics.stdev(head) / math.sqrt(n) <= tol * abs(statistics.fmean(head)):
+            return n
+    return None
 
 
-def needed(r, trace: float, tol: float = 0.05) -> float:
-    """Probes to freeze (measured), or projected from the sample variance ``s^2 = n se^2``:
-    ``s / sqrt(m) <= tol |trace|`` at ``m = n (se / (tol |trace|))^2``. ``trace`` is one
-    estimate for both estimators (the deflated one, the more precise), so that for blocks
-    neither froze the ratio of the projections is exactly the variance ratio."""
-    if r.converged:
-        return r.probes
-    return r.probes * (r.stderr / (tol * abs(trace))) ** 2 if trace else float("inf")
+def block_stats(out: dict, name: str) -> dict:
+    """Mean, stderr, variance, measured and projected probes to ``trace_tol`` of both kinds."""
+    tol, floor = out["trace_tol"], out["min_probes"]
+    xs = {kind: [s[name] for s in out["samples"][kind]] for kind in KINDS}
+    trace = statistics.fmean(xs["deflated"])
+    stats = {}
+    for kind, vals in xs.items():
+        var = statistics.variance(vals)
+        need = math.ceil(var / (tol * trace) ** 2) if trace else math.inf
+        stats[kind] = {
+            "mean": statistics.fmean(vals),
+            "se": math.sqrt(var / len(vals)),
+            "var": var,
+            "measured": frozen_at(vals, tol, floor),
+            "needed": max(floor, need),
+        }
+    return stats
+
+
+def _hvps(st: dict) -> str:
+    measured = f" (froze at {st['measured']})" if st["measured"] is not None else ""
+    return f"{st['needed']}{measured}"
 
 
 def trace_report(blocks: list[Block], out: dict, md_table) -> str:
     """The markdown table and summary of :func:`trace_hvps`."""
-    cap = out["max_probes"]
-    plain, defl = out["results"]["plain"], out["results"]["deflated"]
-    rows = []
+    n = out["probes"]
+    rows, ratios, var_ratios = [], [], []
+    stats = {b.name: block_stats(out, b.name) for b in blocks}
     for b in blocks:
-        p, d = plain[b.name], defl[b.name]
-        ratio = needed(p, d.mean) / needed(d, d.mean)
+        p, d = stats[b.name]["plain"], stats[b.name]["deflated"]
+        ratio = p["needed"] / d["needed"]
+        ratios.append(ratio)
+        var_ratios.append(p["var"] / d["var"])
         rows.append([
-            b.name, str(b.n_params), str(out["basis_vectors"][b.name]),
-            f"{p.mean:.4g} ± {p.stderr:.2g}", _probes(p, d.mean, cap),
-            f"{d.mean:.4g} ± {d.stderr:.2g}", _probes(d, d.mean, cap),
-            f"{'~' if not p.converged else ''}{ratio:.2f}x", f"{out['variance_ratio'][b.name]:.1f}",
+            b.name, str(b.n_params), str(out["basis_vectors"].get(b.name, 0)),
+            f"{p['mean']:.4g} ± {p['se']:.2g}", f"{d['mean']:.4g} ± {d['se']:.2g}",
+            f"{p['var']:.3g}", f"{d['var']:.3g}", f"{p['var'] / d['var']:.1f}",
+            _hvps(p), _hvps(d), f"{ratio:.1f}x",
         ])  # fmt: skip
-    hp, hd = out["joint_hvps"]["plain"], out["joint_hvps"]["deflated"]
-    ratios = [
-        needed(plain[b.name], defl[b.name].mean) / needed(defl[b.name], defl[b.name].mean)
-        for b in blocks
-    ]
-    hp_proj = max(needed(plain[b.name], defl[b.name].mean) for b in blocks)
-    hd_proj = max(needed(defl[b.name], defl[b.name].mean) for b in blocks)
-    all_p = all(r.converged for r in plain.values())
-    all_d = all(r.converged for r in defl.values())
+    joint = {k: max(stats[b.name][k]["needed"] for b in blocks) for k in KINDS}
+    slowest = {k: max(blocks, key=lambda b, k=k: stats[b.name][k]["needed"]).name for k in KINDS}
     rows.append([
-        "**all blocks (joint HVPs)**", "", "", "",
-        f"**{hp if all_p else f'>{cap} (~{hp_proj:.0f})'}**", "",
-        f"**{hd if all_d else f'>{cap} (~{hd_proj:.0f})'}**", f"**{hp_proj / hd_proj:.2f}x**", "",
+        "**all blocks (joint HVPs = the slowest block)**", "", "", "", "", "", "", "",
+        f"**{joint['plain']}**", f"**{joint['deflated']}**",
+        f"**{joint['plain'] / joint['deflated']:.1f}x**",
     ])  # fmt: skip
-    header = ["block", "params", "k (basis)", "plain trace ± se", "plain HVPs",
-              "deflated trace ± se", "deflated HVPs", "HVP ratio", "variance ratio"]  # fmt: skip
+    header = [
+        "block", "params", "k (basis)", f"plain trace ± se ({n} probes)",
+        f"deflated trace ± se ({n} probes)", "plain var/probe", "deflated var/probe",
+        "variance ratio", "plain HVPs to 5%", "deflated HVPs to 5%", "HVP ratio",
+    ]  # fmt: skip
+    rel_se = math.sqrt(2 / (n - 1))
     summary = (
-        f"\n(e) joint HVPs until every block's trace stderr <= {out['trace_tol']:.0%}: plain "
-        f"{hp if all_p else f'>{cap} (projected from its variance: {hp_proj:.0f})'}, deflated "
-        f"{hd if all_d else f'>{cap} (projected: {hd_proj:.0f})'} ({hp_proj / hd_proj:.2f}x "
-        f"fewer); per block median "
-        f"{statistics.median(ratios):.2f}x, min {min(ratios):.2f}x; per-probe variance ratio "
-        f"(plain/deflated, {out['common_probes']} common probes) median "
-        f"{statistics.median(out['variance_ratio'].values()):.1f}. The bases come from the "
-        f"eigenvalue solves ({out['eigen_hvps']} block HVPs, spent by both); they hold "
-        f"{out['basis_mb']:.1f} MB; cached graphs {out['graph_mb']:.0f} MB."
+        f"\n(e) {n} shared probes measured (one joint HVP each per estimator). HVPs to a "
+        f"{out['trace_tol']:.0%} stderr, max({out['min_probes']}, s^2 / (0.05 T)^2) from the "
+        f"measured per-probe variance s^2 (relative uncertainty ~{rel_se:.0%}; 'froze at': "
+        f"where the production rule already stopped within the {n} probes). Joint HVPs until "
+        f"every block froze: plain {joint['plain']} ({slowest['plain']}), deflated "
+        f"{joint['deflated']} ({slowest['deflated']}): {joint['plain'] / joint['deflated']:.1f}x "
+        f"fewer. Per block HVP ratio median {statistics.median(ratios):.1f}x, min "
+        f"{min(ratios):.1f}x ({blocks[ratios.index(min(ratios))].name}), max {max(ratios):.1f}x; "
+        f"variance ratio median {statistics.median(var_ratios):.1f}x, min {min(var_ratios):.1f}x."
+        f" The bases come from the eigenvalue solves ({out['eigen_hvps']} block HVPs, spent by "
+        f"both); they hold {out['basis_mb']:.1f} MB; cached graphs {out['graph_mb']:.0f} MB."
     )
     return md_table(header, rows) + "\n" + summary

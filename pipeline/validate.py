@@ -62,11 +62,12 @@ def check_devices(cfg: RunConfig, device: torch.device) -> None:
     if b.kind != "ray" or not b.gpus_per_actor or b.address is not None:
         return
     have = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    need = b.data_shards * b.block_groups * b.gpus_per_actor
+    shards = b.data_shards or 1  # unset: the backend picks at least one shard
+    need = shards * b.block_groups * b.gpus_per_actor
     if need > have + 1e-9:
         raise ConfigError(
             "backend.gpus_per_actor",
-            f"{b.data_shards} x {b.block_groups} Hessian actors x {b.gpus_per_actor:g} GPU need "
+            f"{shards} x {b.block_groups} Hessian actors x {b.gpus_per_actor:g} GPU need "
             f"{need:g} GPUs; this machine has {have}. Fix: lower backend.gpus_per_actor (a "
             "fraction shares a GPU), backend.data_shards or backend.block_groups, set it to 0 "
             "(CPU actors), or join a cluster with GPUs (backend.address)",

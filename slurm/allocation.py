@@ -82,8 +82,8 @@ def check_allocation(run: RunConfig, launch: SlurmLaunchConfig) -> None:
     if not uses_ray(run, launch):
         return
     b = run.backend
-    actors = b.data_shards * b.block_groups
-    grid = f"backend.data_shards={b.data_shards} x backend.block_groups={b.block_groups}"
+    actors = (b.data_shards or 1) * b.block_groups  # an unset D is chosen within the CPUs
+    grid = f"backend.data_shards={b.data_shards or 1} x backend.block_groups={b.block_groups}"
     per_task = launch.cpus_per_task
     tasks = launch.num_tasks
     if b.cpus_per_actor > per_task:

@@ -27,7 +27,7 @@ def test_estimate_bounds_the_measured_graph_and_a_passing_budget_caches_it(name,
     prob = make_problem(name)
     blocks = partition_blocks(prob.model)
     memory = estimate_graph_memory(prob.model, prob.loss_fn, prob.batches[0], blocks)
-    assert memory.fixed_bytes == sum(b.n_params for b in blocks) * 8  # float64 gradients
+    assert memory.fixed_bytes >= sum(b.n_params for b in blocks) * 8  # float64 gradients + ...
     for x, y in prob.batches:
         n = x.shape[0]
         with HessianOperator(
@@ -35,8 +35,8 @@ def test_estimate_bounds_the_measured_graph_and_a_passing_budget_caches_it(name,
         ) as op:
             op.hvp(blocks[0].name, torch.ones(blocks[0].n_params, dtype=torch.float64))
             measured = op.graph_bytes
-        # an upper bound (per-channel tensors do not grow with n), tight for conv nets
-        assert measured <= memory.batch_bytes(n) <= 1.25 * measured, (n, measured, memory)
+        # the 1- and 2-sample fit is exact for these batch-affine graphs
+        assert memory.batch_bytes(n) == pytest.approx(measured, rel=1e-9), (n, measured, memory)
         check_memory_budget(memory, n, memory.batch_bytes(n) / MB)  # exactly enough: passes
         with HessianOperator(
             prob.model, prob.loss_fn, [(x, y)], blocks, memory_budget_bytes=memory.batch_bytes(n)
@@ -62,7 +62,7 @@ def test_budget_below_one_graph_fails_before_any_work_and_the_fixes_work(make_pr
     assert message.startswith(f"memory_budget_mb={budget_mb:g} cannot hold one Hessian batch")
     assert f"~{need / MB:.3g} MB for a batch of 7" in message  # < 100 MB: 3 significant digits
     assert "Fix: lower the Hessian batch size to <= 4 or raise memory_budget_mb to >=" in message
-    assert rows == [] and seen == [1]  # only the estimate's one-sample forward ran
+    assert rows == [] and seen == [1, 2]  # only the estimate's 1- and 2-sample forwards ran
     assert all(m.training for m in prob.model.modules())  # train mode restored
 
     # the suggested fixes: batches of <= 4, or the budget raised to the printed value

@@ -24,6 +24,7 @@ from ray.cluster_utils import Cluster
 from torch import nn
 
 from hawq.blocks import partition_blocks
+from hawq.hessian.memory import estimate_graph_memory
 from hawq.hessian.operator import HessianError
 from hawq.hessian.table import EIGEN_COLUMNS, TRACE_COLUMNS, HessianConfig, analyze
 from pipeline.backends.base import HessianJob
@@ -187,6 +188,28 @@ class TestLocalCluster:
         assert stats["eigen_hvps"] == sum(r["hvps"] for r in truth)
         assert stats["probes_used"] == max(r["trace_probes"] for r in truth)
         assert stats["probes_used"] <= stats["probes_computed"] < stats["probes_used"] + grid[1]
+
+    def test_unset_data_shards_is_the_fewest_whose_caches_hold_every_batch(self, backends, truth):
+        mem = estimate_graph_memory(JOB.instantiate(), JOB.loss_fn, JOB.batches[0], JOB.blocks)
+
+        def need(d: int) -> float:  # the largest shard's graphs, scaled from its first batch
+            shards = [SIZES[i::d] for i in range(d)]
+            return max(sum(s) * mem.batch_bytes(s[0]) / s[0] for s in shards)
+
+        assert need(3) < need(2)  # a budget between them: 3 shards cache everything, 2 do not
+        budget_mb = (need(3) + need(2)) / 2 / 2**20
+        backend = RayBackend(
+            dataclasses.replace(backend_config(1, 1), data_shards=None, memory_budget_mb=budget_mb)
+        )
+        try:
+            table = backend.run(JOB, progress=False)
+            counters = ray.get([a.counters.remote() for a in backend.actors[0]])
+        finally:
+            backend.close()
+        assert backend.config.data_shards == 3 and backend.plan.all_cached
+        assert [c["cached_batches"] for c in counters] == [2, 2, 1]  # batches 0,3 / 1,4 / 2
+        assert [s.cached for s in backend.plan.shards] == [2, 2, 1]
+        assert_same_rows(table.to_pylist(), truth)
 
     def test_killed_actors_leave_result_unchanged(self, backends, truth):
         backend = backends(2, 2)

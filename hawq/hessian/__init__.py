@@ -15,7 +15,7 @@ from hawq.hessian.memory import (
     check_memory_budget,
     estimate_graph_memory,
 )
-from hawq.hessian.operator import HessianError, HessianOperator
+from hawq.hessian.operator import HessianError, HessianOperator, batches_to_cache
 from hawq.hessian.table import (
     EIGEN_COLUMNS,
     EIGEN_RESULT_COLUMNS,
@@ -45,6 +45,7 @@ __all__ = [
     "MemoryBudgetError",
     "TraceResult",
     "analyze",
+    "batches_to_cache",
     "block_eigen_row",
     "check_memory_budget",
     "eigen_row",

@@ -7,14 +7,13 @@ fit is rebuilt for every HVP, which holds the graph just as long. A positive bud
 than one batch's graph therefore caches nothing and is exceeded anyway: a configuration error
 that :func:`check_memory_budget` reports before any work, with the two fixes.
 
-The estimate is cheap: one forward + create-graph backward on a single sample, with the saved
-tensors counted (``saved_tensors_hooks``, the operator's own measurement), split into
+The estimate is cheap: the graphs of the first one and two samples, with the saved tensors
+counted (``saved_tensors_hooks``, the operator's own measurement), solved for
 
 * ``per_sample_bytes``: saved activations, which grow linearly with the batch size, and
-* ``fixed_bytes``: the gradients (one tensor per block parameter), independent of the batch,
+* ``fixed_bytes``: the gradients (one tensor per block parameter) and per-channel tensors,
 
-so a batch of ``n`` needs ``n * per_sample_bytes + fixed_bytes`` (slightly above the measured
-size, since a few saved per-channel tensors do not grow with ``n``). For torchvision's
+so a batch of ``n`` needs ``n * per_sample_bytes + fixed_bytes``. For torchvision's
 ResNet-50 at 224x224 in float32 that is ~82 MB per sample + ~97 MB
 (docs/benchmarks/imagenet_scale.md compares it with the peak RSS).
 """
@@ -26,7 +25,6 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from hawq.blocks import Block
@@ -62,18 +60,22 @@ class GraphMemory:
 def estimate_graph_memory(
     model: nn.Module, loss_fn: LossFn, batch: Batch, blocks: Sequence[Block] | None = None
 ) -> GraphMemory:
-    """Measure the first-order graph (w.r.t. every block) of ``batch``'s first sample.
+    """Fit :class:`GraphMemory` from the first-order graphs of ``batch``'s first 1 and 2 samples.
 
-    Cost: one forward + create-graph backward on one sample and one HVP of the last block
-    with a zero vector. The model's parameters, gradients and modes are left as they were.
+    The graphs are measured as the operator caches them (``HessianOperator.measure_graph_bytes``:
+    the distinct saved storages plus the gradients, the same lean double backward), so the fit
+    is exact for batch-affine graphs. With a one-sample batch everything counts as per-sample.
+    The model's parameters, gradients and modes are left as they were.
     """
     x, y = batch
-    with HessianOperator(model, loss_fn, [(x[:1], y[:1])], blocks, memory_budget_bytes=2**62) as op:
-        last = op.blocks[-1].name
-        op.hvp(last, torch.zeros(op.dim(last), dtype=op.dtype, device=op.device))
-        grad_bytes = sum(op.dim(b.name) for b in op.blocks) * op.dtype.itemsize
-        total = op.graph_bytes
-    return GraphMemory(per_sample_bytes=float(max(total - grad_bytes, 0)), fixed_bytes=grad_bytes)
+    # copies, not views: a saved view of the targets would count the whole batch's storage
+    sub = [(x[:n].clone(), y[:n].clone()) for n in range(1, min(x.shape[0], 2) + 1)]
+    with HessianOperator(model, loss_fn, sub, blocks, memory_budget_bytes=0) as op:
+        sizes = [op.measure_graph_bytes(j) for j in range(len(sub))]
+    if len(sizes) == 1:
+        return GraphMemory(per_sample_bytes=float(sizes[0]), fixed_bytes=0)
+    per_sample = max(sizes[1] - sizes[0], 0)
+    return GraphMemory(per_sample_bytes=float(per_sample), fixed_bytes=sizes[0] - per_sample)
 
 
 def check_memory_budget(

@@ -59,6 +59,24 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 AllReduce = Callable[[Tensor], Tensor | None]
 
 
+def batches_to_cache(batch_sizes: Sequence[int], first_bytes: float, budget: int | None) -> int:
+    """How many batches (a prefix) keep their first-order graph under ``budget`` bytes.
+
+    The first batch's graph takes ``first_bytes``; batch ``j`` is estimated at ``first_bytes *
+    n_j / n_0``; batches are kept in order while the running total fits (``None``: all).
+    """
+    if budget is None:
+        return len(batch_sizes)
+    per_sample = first_bytes / batch_sizes[0] if batch_sizes else 0.0
+    total, count = 0.0, 0
+    for n in batch_sizes:
+        total += per_sample * n
+        if total > budget:
+            break
+        count += 1
+    return count
+
+
 class HessianError(RuntimeError):
     """A Hessian-vector product cannot be computed faithfully."""
 
@@ -236,30 +254,37 @@ class HessianOperator:
             grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
         return dict(zip(pnames, grads, strict=True))
 
+    def measure_graph_bytes(self, j: int = 0) -> int:
+        """Bytes that caching batch ``j``'s first-order graph (w.r.t. every block) would hold:
+        the distinct storages it saves plus the gradients (built once here, then dropped)."""
+        if not 0 <= j < len(self._batches):
+            raise ValueError(f"batch index {j} out of range 0..{len(self._batches) - 1}")
+        pnames = [n for b in self.blocks for n in self._block_params[b.name]]
+        meter = SavedBytes([*self._detached.values(), self._batches[j][0]])
+        grads = self._gradients(j, pnames, meter)
+        return meter.nbytes + sum(g.nbytes for g in grads.values() if g is not None)
+
     def _build_graphs(self) -> None:
-        """Keep first-order graphs (w.r.t. every block) for the batches that fit the budget."""
+        """Keep first-order graphs (w.r.t. every block) for the batches that fit the budget
+        (:func:`batches_to_cache`, from the measured size of the first batch's graph)."""
         self._graphs, self.graph_bytes = {}, 0
         budget = self.memory_budget_bytes
-        if budget == 0:
+        if budget == 0 or not self._batches:
             return
         pnames = [n for b in self.blocks for n in self._block_params[b.name]]
-        per_sample = None
-        for j, (x, _) in enumerate(self._batches):
-            if per_sample is not None:
-                if self.graph_bytes + per_sample * x.shape[0] > budget:
-                    break
-                self.graph_bytes += int(per_sample * x.shape[0])
-            meter = None
-            if budget is not None and per_sample is None:
-                meter = SavedBytes([*self._detached.values(), x])
-            grads = self._gradients(j, pnames, meter)
-            if meter is not None:
-                nbytes = meter.nbytes + sum(g.nbytes for g in grads.values() if g is not None)
-                per_sample = nbytes / x.shape[0]
-                if nbytes > budget:
-                    break
-                self.graph_bytes = nbytes
-            self._graphs[j] = grads
+        sizes = [x.shape[0] for x, _ in self._batches]
+        meter = None
+        if budget is not None:
+            meter = SavedBytes([*self._detached.values(), self._batches[0][0]])
+        first = self._gradients(0, pnames, meter)
+        if meter is None:
+            count = len(sizes)
+        else:
+            nbytes = meter.nbytes + sum(g.nbytes for g in first.values() if g is not None)
+            count = batches_to_cache(sizes, nbytes, budget)
+            self.graph_bytes = int(sum(sizes[:count]) * nbytes / sizes[0])
+        for j in range(count):
+            self._graphs[j] = first if j == 0 else self._gradients(j, pnames)
         logger.debug(
             "cached %d/%d first-order graphs (~%.1f MB)",
             len(self._graphs), len(self._batches), self.graph_bytes / 2**20,

@@ -7,15 +7,19 @@ from collections.abc import Mapping
 import pyarrow as pa
 import torch
 
+from hawq.hessian.memory import estimate_graph_memory
 from hawq.hessian.table import analyze
 from pipeline.backends.base import HessianJob, ProbeCallback, Probes, RowCallback
+from pipeline.backends.plan import CachePlan, cache_plan, log_plan
 
 
 class LocalBackend:
-    """Runs a :class:`HessianJob` here, on ``device`` (CPU by default)."""
+    """Runs a :class:`HessianJob` here, on ``device`` (CPU by default); ``plan`` is the
+    caching plan of the last run (logged at its start)."""
 
     def __init__(self, device: str | torch.device = "cpu") -> None:
         self.device = torch.device(device)
+        self.plan: CachePlan | None = None
 
     def run(
         self,
@@ -31,6 +35,11 @@ class LocalBackend:
         reused, not recomputed)."""
         model = job.instantiate(self.device)
         batches = [(x.to(self.device), y.to(self.device)) for x, y in job.batches]
+        if batches:
+            memory = estimate_graph_memory(model, job.loss_fn, batches[0], job.blocks)
+            sizes = [x.shape[0] for x, _ in batches]
+            self.plan = cache_plan(sizes, memory, job.config.memory_budget_bytes, 1)
+            log_plan(self.plan)
         return analyze(
             model,
             job.loss_fn,

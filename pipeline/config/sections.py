@@ -351,8 +351,9 @@ class BackendSection(Section):
     """local: in this process; ray: on a grid of Ray actors."""
     address: str | None = None
     """Ray head 'host:port' to join; null starts a private local Ray."""
-    data_shards: int = 1
-    """Ray: actors that split the Hessian batches (their HVPs are all-reduced)."""
+    data_shards: int | None = None
+    """Ray: actors that split the Hessian batches (their HVPs are all-reduced); null: the
+    fewest whose per-actor caches hold every batch's graph, as many as the cluster fits."""
     block_groups: int = 1
     """Ray: groups of actors that take different blocks."""
     cpus_per_actor: float = 1.0
@@ -382,7 +383,7 @@ class BackendSection(Section):
         """The Ray backend's config; a private local Ray gets enough CPUs for the actor grid."""
         from pipeline.backends.ray.config import RayBackendConfig, available_cpus
 
-        need = math.ceil(self.data_shards * self.block_groups * self.cpus_per_actor)
+        need = math.ceil((self.data_shards or 1) * self.block_groups * self.cpus_per_actor)
         return RayBackendConfig(
             address=self.address,
             data_shards=self.data_shards,
@@ -441,7 +442,7 @@ class RunConfig(Section):
         if self.allocation.sensitivity == "trace" and not self.hessian.trace:
             fail("allocation.sensitivity", "'trace' needs hessian.trace: true")
         batches = -(-self.data.hessian_samples // self.data.hessian_batch_size)
-        if self.backend.data_shards > batches:
+        if self.backend.data_shards is not None and self.backend.data_shards > batches:
             fail(
                 "backend.data_shards",
                 f"{self.backend.data_shards} exceeds the {batches} Hessian batches "

@@ -54,6 +54,7 @@ from hawq.hessian.table import eigen_row, resumed_row, sensitivity_table, trace_
 from hawq.optional import progress_bar
 from pipeline.atomic import pause_point
 from pipeline.backends.base import HessianJob, ProbeCallback, Probes, RowCallback
+from pipeline.backends.plan import CachePlan, grid_plan, log_plan
 from pipeline.backends.ray.actors import FATAL_ERRORS, HessianWorker
 from pipeline.backends.ray.cluster import connect
 from pipeline.backends.ray.config import RayBackendConfig
@@ -110,12 +111,20 @@ class RayBackend:
         self._inflight: dict[int, _Call] = {}
         self._deflation_args: list | None = None  # [names, *basis refs] once all are solved
         self._deflate = False
+        self.plan: CachePlan | None = None
 
     # ------------------------------------------------------------------ cluster and actors
     def _connect(self) -> None:
         stop = connect(self.config)
         if stop is not None:
             self._shutdown = stop
+
+    def _plan(self, job: HessianJob) -> CachePlan:
+        """The caching plan (logged); fixes ``data_shards`` if it was left to the backend."""
+        plan = grid_plan(job, self.config, ray.available_resources())
+        self.config = replace(self.config, data_shards=plan.data_shards)
+        log_plan(plan)
+        return plan
 
     def _start_actors(self) -> None:
         cfg = self.config
@@ -371,10 +380,11 @@ class RayBackend:
     ) -> pa.Table:
         """The sensitivity table of ``job``; blocks in ``done`` and probes in ``probes`` are
         reused, not recomputed."""
-        cfg, hcfg = self.config, job.config
-        if len(job.batches) < cfg.data_shards:
+        hcfg = job.config
+        if self.config.data_shards is not None and len(job.batches) < self.config.data_shards:
             raise ValueError(
-                f"data_shards={cfg.data_shards} exceeds the number of batches {len(job.batches)}"
+                f"data_shards={self.config.data_shards} exceeds the number of batches "
+                f"{len(job.batches)}"
             )
         done = dict(done or {})
         blocks = list(job.blocks)
@@ -387,13 +397,15 @@ class RayBackend:
         self.stats = dict.fromkeys(
             ("bytes_to_driver", "bytes_results", "recoveries", "blocks_computed", "eigen_hvps",
              "probes_computed", "probes_used", "bases_rebuilt"), 0)  # fmt: skip
-        self.stats.update(blocks_skipped=len(rows), data_shards=cfg.data_shards,
-                          block_groups=cfg.block_groups)  # fmt: skip
+        self.stats.update(blocks_skipped=len(rows), block_groups=self.config.block_groups)
         t0 = time.perf_counter()
         self._connect()
+        self.plan = self._plan(job)
+        cfg = self.config
         if not self.actors:
             self._start_actors()
         self.stats["nodes"] = len({i["node"] for i in self.placement.values()})
+        self.stats["data_shards"] = cfg.data_shards
         D = cfg.data_shards
         self._job = job
         self._job_ref = ray.put(replace(job, batches=()))

@@ -39,7 +39,9 @@ class RayBackendConfig:
 
     address: ``None`` starts a local Ray instance sized by ``num_cpus``/``num_gpus`` (all
         of the machine by default) unless Ray is already initialised; ``"host:port"`` joins.
-    data_shards / block_groups: the ``D x G`` actor grid.
+    data_shards / block_groups: the ``D x G`` actor grid; ``data_shards=None`` lets the
+        backend choose ``D`` at the start of a run: the fewest shards whose per-actor caches
+        hold every batch's graph, as many as the cluster can place (``pipeline.backends.plan``).
     memory_budget_mb: per-actor cap on cached first-order graphs; ``None`` uses the job's
         ``HessianConfig.memory_budget_mb``.
     torch_threads: intra-op threads per actor (default ``max(1, int(cpus_per_actor))``).
@@ -55,7 +57,7 @@ class RayBackendConfig:
     """
 
     address: str | None = None
-    data_shards: int = 1
+    data_shards: int | None = None
     block_groups: int = 1
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
@@ -74,7 +76,8 @@ class RayBackendConfig:
     def __post_init__(self) -> None:
         if self.address is not None and (not isinstance(self.address, str) or not self.address):
             raise ValueError(f"address must be None or 'host:port', got {self.address!r}")
-        check_int("data_shards", self.data_shards, low=1)
+        if self.data_shards is not None:
+            check_int("data_shards", self.data_shards, low=1)
         check_int("block_groups", self.block_groups, low=1)
         check_number("cpus_per_actor", self.cpus_per_actor, low=0)
         check_number("gpus_per_actor", self.gpus_per_actor, low=0)
@@ -98,7 +101,8 @@ class RayBackendConfig:
 
     @property
     def n_actors(self) -> int:
-        return self.data_shards * self.block_groups
+        """Actors of the grid (``data_shards`` counted as 1 until chosen)."""
+        return (self.data_shards or 1) * self.block_groups
 
     @property
     def threads(self) -> int:
