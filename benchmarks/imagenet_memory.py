@@ -10,7 +10,7 @@ RSS is reset (``/proc/self/clear_refs``), then
 * ``rebuild``: one HVP of the first block (``conv1``: the longest backward) with budget 0, the
   path of a batch whose graph is not cached: ``peak - base`` is its transient cost.
 
-Both are compared with ``hawq.hessian.memory.estimate_graph_memory`` (one sample, scaled)
+Both are compared with ``hawq.hessian.memory.estimate_graph_memory`` (a 1- and 2-sample fit)
 and with the operator's own count of the saved tensors. On CUDA the same runs in-process
 with ``torch.cuda.max_memory_allocated``.
 """

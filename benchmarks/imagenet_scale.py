@@ -429,7 +429,7 @@ def memory_section(args, device: torch.device, emit: Report) -> tuple[float, flo
             "peak MB",
             "resident while cached MB",
             "saved tensors MB (operator's count)",
-            "estimate MB (1 sample, scaled)",
+            "estimate MB (1+2-sample fit)",
         ],
         [
             [r["batch"], r["mode"], "failed: " + r["error"], "", "", ""]
@@ -463,7 +463,7 @@ def memory_section(args, device: torch.device, emit: Report) -> tuple[float, flo
         emit(f"- fit, {c}: {a:.1f} MB per sample + {b:.0f} MB")
     if ok:
         emit(
-            f"- `estimate_graph_memory` (1 sample): {ok[0]['per_sample_mb']:.1f} MB per sample "
+            f"- `estimate_graph_memory` (1+2 samples): {ok[0]['per_sample_mb']:.1f} MB per sample "
             f"+ {ok[0]['fixed_mb']:.0f} MB of gradients (the operator's accounting, which the "
             "budget check uses; the projection (g) uses the resident fit)"
         )
