@@ -6,6 +6,7 @@ graph bytes it measures on a full batch, the batches it really caches under a bu
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -132,3 +133,26 @@ def test_local_backend_logs_the_plan_the_operator_follows(make_problem, caplog):
         op.hvp(blocks[0].name, torch.ones(op.dim(blocks[0].name), dtype=torch.float64))
         assert op.cached_batches == plan.shards[0].cached
         assert op.graph_bytes == pytest.approx(plan.shards[0].cached_bytes, abs=2)
+
+
+def test_grid_plan_uses_the_per_actor_budget_and_the_cluster(make_problem):
+    from pipeline.backends.plan import grid_plan
+    from pipeline.backends.ray.config import RayBackendConfig
+
+    prob = make_problem("mlp")  # batches of 6, 3, 9 samples
+    blocks = partition_blocks(prob.model)
+    model = prob.model
+    job = HessianJob(build_model=lambda: model, state_dict=model.state_dict(),
+                     loss_fn=prob.loss_fn, batches=prob.batches, blocks=blocks,
+                     config=HessianConfig(memory_budget_mb=None), dtype=torch.float64)  # fmt: skip
+    mem = measure_graph_memory(model, prob.loss_fn, prob.batches[0], blocks)
+    per_sample = mem.batch_bytes(6) / 6
+    # 10 samples' graphs per actor: D = 1 (18) and D = 2 ([6, 9] = 15) do not fit, D = 3 does
+    cfg = RayBackendConfig(memory_budget_mb=10.5 * per_sample / MB, cpus_per_actor=1)
+    plan = grid_plan(job, cfg, {"CPU": 8.0})
+    assert plan.data_shards == 3 and plan.all_cached
+    assert grid_plan(job, cfg, {"CPU": 2.0}).data_shards == 2  # what 2 CPUs place
+    fixed = grid_plan(job, RayBackendConfig(data_shards=1, cpus_per_actor=1), {"CPU": 8.0})
+    assert fixed.data_shards == 1 and fixed.all_cached and fixed.chosen == ""  # job: no cap
+    with pytest.raises(ValueError, match="no batches"):
+        grid_plan(dataclasses.replace(job, batches=[]), cfg, {"CPU": 8.0})

@@ -165,6 +165,8 @@ def grid_plan(
     """The plan of ``config``'s grid for ``job`` (one graph measured on the CPU from the first
     batch's first samples), choosing ``data_shards`` when it is ``None`` for a cluster with
     ``resources`` free (``{"CPU": ..., "GPU": ...}``)."""
+    if not job.batches:
+        raise ValueError("the Hessian job has no batches (data.hessian_samples)")
     sizes = [x.shape[0] for x, _ in job.batches]
     memory = estimate_graph_memory(job.instantiate(), job.loss_fn, job.batches[0], job.blocks)
     budget = job.config.memory_budget_bytes
