@@ -145,7 +145,7 @@ def test_grid_plan_uses_the_per_actor_budget_and_the_cluster(make_problem):
     job = HessianJob(build_model=lambda: model, state_dict=model.state_dict(),
                      loss_fn=prob.loss_fn, batches=prob.batches, blocks=blocks,
                      config=HessianConfig(memory_budget_mb=None), dtype=torch.float64)  # fmt: skip
-    mem = measure_graph_memory(model, prob.loss_fn, prob.batches[0], blocks)
+    mem = estimate_graph_memory(model, prob.loss_fn, prob.batches[0], blocks)
     per_sample = mem.batch_bytes(6) / 6
     # 10 samples' graphs per actor: D = 1 (18) and D = 2 ([6, 9] = 15) do not fit, D = 3 does
     cfg = RayBackendConfig(memory_budget_mb=10.5 * per_sample / MB, cpus_per_actor=1)
