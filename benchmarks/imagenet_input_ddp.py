@@ -10,16 +10,20 @@
 
 The results are plain dicts (``{"images_per_s": {workers: rate}, ...}`` and
 ``{"efficiency": {W: e}, ...}``), the form :func:`imagenet_projection.projection_section`
-takes; ``--save-costs`` stores them beside the costs so that ``--from-costs`` reuses them.
+takes; ``--save-costs`` stores them beside the costs so that ``--from-costs`` reuses them
+(:func:`input_and_ddp`: measured now or read back, and where they came from).
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
+import time
 from pathlib import Path
 
 import torch
+from imagenet_setup import load_batch
 
 SIDES = (300, 500)  # generated JPEG sides, ImageNet-like
 
@@ -69,6 +73,43 @@ def measure_ddp(args, x: torch.Tensor, y: torch.Tensor) -> dict:
     return {"images_per_s": rates, "efficiency": {world: rates[world] / (world * rates[1])},
             "batch": batch, "steps": steps, "cores": os.cpu_count(),
             "load": os.getloadavg()[0]}  # fmt: skip
+
+
+def data_loading_section(args: argparse.Namespace) -> dict | None:
+    """(f) ``benchmarks/data_loading.py``: ``{"images_per_s": {workers: images/s}, ...}`` of
+    augmented 224x224 training passes over generated JPEGs; the projection caps each device's
+    training and evaluation rate at the best of them. ``None`` (``--input-and-ddp off``): the
+    loader keeps up.
+    """
+    return None if args.input_and_ddp == "off" else measure_loading(args)
+
+
+def ddp_scaling_section(args: argparse.Namespace) -> dict | None:
+    """(f) ``benchmarks/ddp_scaling.py``: ``{"efficiency": {W: t_1 / (W t_W)}, ...}`` of
+    ResNet-50 float training at ``--ddp-world`` (CPU, gloo); the projection divides the
+    training and evaluation stages' ideal ``1 / D`` times by it. ``None`` (``--input-and-ddp
+    off``): ideal scaling."""
+    if args.input_and_ddp == "off":
+        return None
+    x, y = load_batch(args, args.ddp_batch * args.ddp_steps)
+    return measure_ddp(args, x, y)
+
+
+def input_and_ddp(args: argparse.Namespace, saved: dict | None) -> tuple[tuple, str, str]:
+    """(f)'s figures, a note on their source and the date they were measured: measured now,
+    or those of ``saved`` (a ``--save-costs`` file)."""
+    mode = args.input_and_ddp or ("saved" if saved is not None else "measure")
+    if mode == "saved":
+        hooks = (from_json(saved.get("data_loading")), from_json(saved.get("ddp_scaling")))
+        if hooks != (None, None):
+            date = saved.get("input_and_ddp_measured", "?")
+            return hooks, f"saved in {args.from_costs}, measured {date}", date
+        args.input_and_ddp = "measure"  # the file has none: measure them
+    hooks = (data_loading_section(args), ddp_scaling_section(args))
+    if hooks == (None, None):
+        return hooks, "not measured", ""
+    date = time.strftime("%Y-%m-%d")
+    return hooks, f"measured in this run, {date}", date
 
 
 def loading_rows(loading: dict, costs, gpu_rate: float | None) -> list[list[str]]:

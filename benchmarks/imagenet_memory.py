@@ -12,7 +12,8 @@ RSS is reset (``/proc/self/clear_refs``), then
 
 Both are compared with ``hawq.hessian.memory.estimate_graph_memory`` (a 1- and 2-sample fit)
 and with the operator's own count of the saved tensors. On CUDA the same runs in-process
-with ``torch.cuda.max_memory_allocated``.
+with ``torch.cuda.max_memory_allocated``. :func:`memory_section` writes section (d) of
+``imagenet_scale.py`` from these measurements and their linear fits.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +31,9 @@ import torch.nn.functional as F
 from hawq.blocks import partition_blocks
 from hawq.hessian.memory import MB, estimate_graph_memory
 from hawq.hessian.operator import HessianOperator
+
+if TYPE_CHECKING:
+    from imagenet_report import Report
 
 
 def _status(field: str) -> int:
@@ -116,6 +121,61 @@ def linear_fit(rows: list[dict], key: str) -> tuple[float, float]:
     a = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True))
     a /= sum((x - mx) ** 2 for x in xs)
     return a, my - a * mx
+
+
+def memory_section(args, device: torch.device, emit: Report) -> tuple[float, float]:
+    """(d): the measured rows and fits; returns the cached fit (bytes per sample, fixed)."""
+    rows = measure_all([int(s) for s in args.memory_batches.split(",")], device, args.threads)
+    ok = [r for r in rows if "error" not in r]
+    unit = "peak RSS" if device.type == "cpu" else "peak CUDA memory"
+    emit(f"\n## (d) memory of one batch's graph: {unit} above the set-up, a fresh process each\n")
+    emit.table(
+        [
+            "batch",
+            "graph",
+            "peak MB",
+            "resident while cached MB",
+            "saved tensors MB (operator's count)",
+            "estimate MB (1+2-sample fit)",
+        ],
+        [
+            [r["batch"], r["mode"], "failed: " + r["error"], "", "", ""]
+            if "error" in r
+            else [
+                r["batch"],
+                r["mode"],
+                f"{r['peak_mb']:.0f}",
+                f"{r['kept_mb']:.0f}" if r["mode"] == "cached" else "-",
+                f"{r['counted_mb']:.0f}" if r["mode"] == "cached" else "-",
+                f"{r['estimate_mb']:.0f}",
+            ]
+            for r in rows
+        ],
+    )
+    cols = {"peak MB per cached graph": ("cached", "peak_mb"),
+            "resident MB per cached graph": ("cached", "kept_mb"),
+            "peak MB per rebuild": ("rebuild", "peak_mb")}  # fmt: skip
+    fits = {c: linear_fit([r for r in ok if r["mode"] == m], k) for c, (m, k) in cols.items()}
+    emit("\nPer batch size (batch sizes not run here are PROJECTED from the linear fit):\n")
+    cells = []
+    for size in (32, 64, 128):
+        row = [size]
+        for c, (m, k) in cols.items():
+            got = [r[k] for r in ok if r["batch"] == size and r["mode"] == m]
+            a, b = fits[c]
+            row.append(f"{got[0]:.0f} (measured)" if got else f"~{a * size + b:.0f} (projected)")
+        cells.append(row)
+    emit.table(["batch", *cols], cells)
+    for c, (a, b) in fits.items():
+        emit(f"- fit, {c}: {a:.1f} MB per sample + {b:.0f} MB")
+    if ok:
+        emit(
+            f"- `estimate_graph_memory` (1+2 samples): {ok[0]['per_sample_mb']:.1f} MB per sample "
+            f"+ {ok[0]['fixed_mb']:.0f} MB of gradients (the operator's accounting, which the "
+            "budget check uses; the projection (g) uses the resident fit)"
+        )
+    a, b = fits["resident MB per cached graph"]
+    return a * 2**20, b * 2**20
 
 
 def main() -> None:

@@ -15,7 +15,8 @@ last) counts its MACs scaled by a_m / act_bits, so the totals stay exact.
 
 This module is the one entry point of allocation: it re-exports the public names of the
 solvers (``Problem``, ``InfeasibleAllocation``, ``check_feasible``, ``weight_bit_budget``,
-``pareto_frontier``, ``PARETO_SCHEMA``) from the private ``hawq.bit_solvers``.
+``pareto_frontier``, ``PARETO_SCHEMA``) from the private ``hawq.bit_solvers`` and of the result
+table (``ALLOCATION_SCHEMA``, ``to_bit_config``) from ``hawq.bit_table``.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from hawq.bit_solvers import (
     solve,
     weight_bit_budget,
 )
+from hawq.bit_table import ALLOCATION_SCHEMA, bits_table, to_bit_config
 from hawq.omega import (
     SENSITIVITY_MODES,
     BlockRecord,
@@ -49,7 +51,7 @@ from hawq.omega import (
     omega_matrix,
     sensitivity,
 )
-from hawq.quant.bitconfig import REGEX_PREFIX, BitConfig, LayerBits
+from hawq.quant.bitconfig import REGEX_PREFIX, BitConfig
 from hawq.size import layer_costs, model_size_bytes
 from hawq.validation import (
     INT_BITS,
@@ -317,7 +319,7 @@ def problem_from_model(
         macs = [sum(per_layer[m] * act.get(m, 1.0) for m in r.modules) for r in records]
     problem = build_problem(records, omega, bits, config, n_weights=n_weights, macs=macs)
     ref = expand_units(problem, [32 if b == (32,) else 8 for b in problem.unit_bits])
-    ref_config = to_bit_config(_bits_table(problem, ref), **config.quant_options)
+    ref_config = to_bit_config(bits_table(problem, ref), **config.quant_options)
     fixed = model_size_bytes(model, ref_config) - problem.weight_bits(ref) / 8
     return replace(problem, fixed_bytes=max(float(fixed), 0.0))
 
@@ -330,18 +332,6 @@ def _input_bits(records: Sequence[BlockRecord], config: AllocConfig) -> dict[str
         if a is not None:
             out[m] = a / config.act_bits
     return out
-
-
-ALLOCATION_SCHEMA = pa.schema(
-    [
-        ("block", pa.string()),
-        ("modules", pa.list_(pa.string())),
-        ("n_params", pa.int64()),
-        ("bits", pa.int64()),
-        ("omega", pa.float64()),
-        ("sensitivity", pa.float64()),
-    ]
-)
 
 
 @dataclass(frozen=True)
@@ -358,65 +348,8 @@ class Allocation:
     bit_config: BitConfig
 
 
-def to_bit_config(
-    table: pa.Table,
-    *,
-    act_bits: int = 8,
-    input_act_bits: int | None = None,
-    last_act_bits: int | None = None,
-    default: LayerBits | None = None,
-    per_channel: bool = True,
-    percentile: float | None = None,
-    clip_bits: int | None = None,
-    mse_clip: bool = False,
-) -> BitConfig:
-    """Expand a block bit table (columns modules, bits) to per-module ``LayerBits(b, act)``.
-
-    The first module of the first row (the network input) gets ``input_act_bits`` and the
-    last module of the last row ``last_act_bits`` as input bits (None = ``act_bits``); rows
-    are in partition (= module) order. Modules in no block get ``default`` (float, 32/32).
-    """
-    default = default or LayerBits(32, 32)
-    cols = table.select(["modules", "bits"]).to_pydict()
-    mods = [m for ms in cols["modules"] for m in ms]
-    act = {m: act_bits for m in mods}
-    if mods and input_act_bits is not None:
-        act[mods[0]] = input_act_bits
-    if mods and last_act_bits is not None:
-        act[mods[-1]] = last_act_bits
-    layers = {
-        m: LayerBits(int(b), act[m])
-        for ms, b in zip(cols["modules"], cols["bits"], strict=True)
-        for m in ms
-    }
-    return BitConfig(
-        weight_bits=default.weight,
-        act_bits=default.act,
-        layers=layers,
-        per_channel=per_channel,
-        percentile=percentile,
-        clip_bits=clip_bits,
-        mse_clip=mse_clip,
-    )
-
-
-def _bits_table(problem: Problem, bits: np.ndarray) -> pa.Table:
-    cols = [problem.bits.index(int(b)) for b in bits]
-    return pa.table(
-        {
-            "block": problem.blocks,
-            "modules": [list(r.modules) for r in problem.records],
-            "n_params": [r.n_params for r in problem.records],
-            "bits": [int(b) for b in bits],
-            "omega": problem.omega[np.arange(len(cols)), cols],
-            "sensitivity": problem.sensitivity,
-        },
-        schema=ALLOCATION_SCHEMA,
-    )
-
-
 def _allocation(problem: Problem, bits: np.ndarray, config: AllocConfig) -> Allocation:
-    table = _bits_table(problem, bits)
+    table = bits_table(problem, bits)
     return Allocation(
         table=table,
         bits=dict(zip(problem.blocks, (int(b) for b in bits), strict=True)),

@@ -24,7 +24,16 @@ Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 Data = tuple[torch.Tensor, torch.Tensor] | Callable[[torch.Generator], Batches]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-__all__ = ["Data", "LossFn", "batches", "count_correct", "evaluate", "task_loss", "wilson_interval"]
+__all__ = [
+    "Data",
+    "LossFn",
+    "batches",
+    "count_correct",
+    "evaluate",
+    "model_device",
+    "task_loss",
+    "wilson_interval",
+]
 
 
 def _tensor_batches(
@@ -101,7 +110,8 @@ def count_correct(out: torch.Tensor, y: torch.Tensor) -> tuple[int, int] | None:
     return int((out.detach().argmax(1) == y).sum()), y.numel()
 
 
-def _device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter (CPU for a model without parameters)."""
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
 
@@ -122,7 +132,7 @@ def evaluate(
     (a channels_last ``precision`` converts ``model`` in place)."""
     was = model.training
     model.eval()
-    dev = _device(model)
+    dev = model_device(model)
     precision = Precision() if precision is None else precision
     precision.model(model)
     rank, world_size = world()

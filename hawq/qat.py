@@ -3,8 +3,8 @@
 Stage ``s`` quantizes the modules named in ``stages[s]`` (``quantize_`` with the bit config;
 a name covers its descendants), optionally freezes the layers quantized in earlier stages
 (``requires_grad = False``), then trains ``config.epochs`` epochs with SGD and a fresh
-optimizer, evaluating after each. Per-epoch LR within a stage (e = 0..E-1):
-cosine ``lr * (1 + cos(pi e / E)) / 2``; step ``lr * gamma^(e // step_size)``; constant ``lr``.
+optimizer, evaluating after each, at the per-epoch LR of the stage's schedule
+(:class:`hawq.qat_config.QATConfig`).
 ``train_float`` runs the same loop on a float model (one stage that quantizes nothing).
 
 Loss: ``ce`` = the task loss (cross-entropy on logits, or ``loss_fn(output, target)`` for
@@ -23,9 +23,13 @@ fake quantizers' arithmetic stay float32.
 
 Determinism: epoch ``g`` (counted over all stages) shuffles with a ``torch.Generator`` seeded
 by ``derive_seed(seed, "qat-data", g)``; the global torch RNG (dropout) is forked, seeded from
-the config and saved in the state. A ``QATState`` taken after any epoch holds the model (with
-the fake-quant EMA ranges), optimizer, RNG and counters as flat tensors + JSON metadata; passing
-it back as ``state=`` continues exactly where the uninterrupted run would be.
+the config and saved in the state. A ``QATState`` taken after any epoch or step holds the model
+(with the fake-quant EMA ranges), optimizer, RNG and counters as flat tensors + JSON metadata
+(:mod:`hawq.qat_state`); passing it back as ``state=`` continues exactly where the uninterrupted
+run would be.
+
+This module is the one entry point of QAT: it re-exports ``QATConfig`` (:mod:`hawq.qat_config`)
+and ``QATState``, ``EpochRecord``, ``STATE_FORMAT`` (:mod:`hawq.qat_state`).
 """
 
 from __future__ import annotations
@@ -34,8 +38,8 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -43,141 +47,44 @@ import torch.nn.functional as F
 from torch import nn
 
 from hawq.data_parallel import (
-    BATCHNORM_MODES,
     all_reduce_sums,
     batchnorm_mode,
     broadcast_buffers,
     reduce_step,
     world,
 )
-from hawq.metrics import Data, LossFn, batches, count_correct, evaluate, task_loss
-from hawq.precision import AMP_MODES, Precision, full_precision
+from hawq.metrics import Data, LossFn, batches, count_correct, evaluate, model_device, task_loss
+from hawq.precision import full_precision
+from hawq.qat_config import QATConfig
+from hawq.qat_state import (
+    STATE_FORMAT,
+    EpochRecord,
+    QATState,
+    Scaler,
+    capture_state,
+    freeze_modules,
+    restore_state,
+    stage_modules,
+)
 from hawq.quant.bitconfig import BitConfig
 from hawq.quant.modules import quantize_, quantized_modules
 from hawq.seeding import derive_seed
-from hawq.validation import check_int, check_number, check_seed
 
-Scaler = torch.amp.GradScaler | None
-StepHook = Callable[[int, int, Callable[[], "QATState"]], None]
+StepHook = Callable[[int, int, Callable[[], QATState]], None]
 """``on_step(global_epoch, steps_done_in_epoch, capture)``: after every optimizer step."""
 
 logger = logging.getLogger(__name__)
-
-STATE_FORMAT = "hawq.qat/1"
 
 __all__ = [
     "STATE_FORMAT",
     "EpochRecord",
     "QATConfig",
     "QATState",
+    "StepHook",
     "evaluate",
     "run_qat",
     "train_float",
 ]
-
-
-@dataclass(frozen=True, kw_only=True)
-class QATConfig:
-    """Hyper-parameters of block-wise QAT (SGD with momentum)."""
-
-    epochs: int = 1  # per stage, >= 1
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    batch_size: int = 128
-    eval_batch_size: int = 512
-    drop_last: bool = False
-    schedule: str = "cosine"  # "cosine" | "step" | "constant"
-    step_size: int = 1  # epochs per step of the "step" schedule
-    gamma: float = 0.1
-    freeze_quantized: bool = True
-    loss: str = "ce"  # "ce" | "distill"
-    temperature: float = 4.0
-    alpha: float = 0.9
-    seed: int = 0
-    batchnorm: str = "sync"  # "sync" | "frozen" | "local" (hawq.data_parallel.batchnorm_mode)
-    amp: str = "none"  # "none" | "bf16" | "fp16" (CUDA only): autocast of forward passes
-    channels_last: bool = False  # 4-D parameters and inputs in channels_last memory
-
-    def __post_init__(self) -> None:
-        check_int("epochs", self.epochs, low=1)
-        check_number("lr", self.lr, low=0, low_open=True)
-        check_number("momentum", self.momentum, low=0, high=1, high_open=True)
-        check_number("weight_decay", self.weight_decay, low=0)
-        check_int("batch_size", self.batch_size, low=1)
-        check_int("eval_batch_size", self.eval_batch_size, low=1)
-        check_int("step_size", self.step_size, low=1)
-        check_number("gamma", self.gamma, low=0, high=1, low_open=True)
-        check_number("temperature", self.temperature, low=0, low_open=True)
-        check_number("alpha", self.alpha, low=0, high=1)
-        check_seed("seed", self.seed)
-        for name in ("drop_last", "freeze_quantized", "channels_last"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        if self.schedule not in ("cosine", "step", "constant"):
-            raise ValueError(
-                f"schedule must be 'cosine', 'step' or 'constant', got {self.schedule!r}"
-            )
-        if self.loss not in ("ce", "distill"):
-            raise ValueError(f"loss must be 'ce' or 'distill', got {self.loss!r}")
-        if self.batchnorm not in BATCHNORM_MODES:
-            raise ValueError(f"batchnorm must be one of {BATCHNORM_MODES}, got {self.batchnorm!r}")
-        if self.amp not in AMP_MODES:
-            raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
-
-    @property
-    def precision(self) -> Precision:
-        """The :class:`hawq.precision.Precision` of training and evaluation."""
-        return Precision(amp=self.amp, channels_last=self.channels_last)
-
-    def lr_at(self, epoch: int) -> float:
-        """Learning rate of epoch ``epoch`` (0-based) within a stage."""
-        if self.schedule == "cosine":
-            return self.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / self.epochs))
-        if self.schedule == "step":
-            return self.lr * self.gamma ** (epoch // self.step_size)
-        return self.lr
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> QATConfig:
-        valid = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - valid)
-        if unknown:
-            raise ValueError(f"unknown QAT config keys {unknown}; valid keys: {sorted(valid)}")
-        return cls(**dict(d))
-
-
-@dataclass(frozen=True, kw_only=True)
-class EpochRecord:
-    """What one epoch did. ``epoch`` counts within the stage, ``global_epoch`` over all."""
-
-    stage: int
-    epoch: int
-    global_epoch: int
-    lr: float
-    train_loss: float
-    train_acc: float
-    eval_loss: float | None
-    eval_acc: float | None
-    n_quantized: int
-    seconds: float
-
-
-@dataclass
-class QATState:
-    """Everything to resume after an epoch: flat tensors (safetensors-ready: contiguous,
-    unshared) and JSON-able metadata (counters, stages, configs, optimizer groups, history)."""
-
-    tensors: dict[str, torch.Tensor]
-    meta: dict[str, Any]
-
-
-def _device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def _loss(cfg: QATConfig, out, y, t_out: torch.Tensor | None, loss_fn: LossFn | None):
@@ -197,51 +104,6 @@ def _loss(cfg: QATConfig, out, y, t_out: torch.Tensor | None, loss_fn: LossFn | 
 def _num(value: float | None) -> str:
     """Log text of a metric: '-' when it is missing or undefined (NaN accuracy)."""
     return "-" if value is None or math.isnan(value) else f"{value:.4f}"
-
-
-def _stage_modules(stages: Sequence[Sequence[str]], upto: int) -> list[str]:
-    return [n for st in stages[:upto] for n in st]
-
-
-def _freeze(model: nn.Module, names: Sequence[str]) -> None:
-    for n in names:
-        model.get_submodule(n).requires_grad_(False)
-
-
-def _capture(
-    model: nn.Module, opt: torch.optim.Optimizer, meta: dict[str, Any], scaler: Scaler
-) -> QATState:
-    def cpu(t: torch.Tensor) -> torch.Tensor:
-        return t.detach().to("cpu", copy=True).contiguous()
-
-    tensors = {f"model.{k}": cpu(v) for k, v in model.state_dict().items()}
-    sd = opt.state_dict()
-    state_meta: dict[str, dict[str, Any]] = {}
-    for idx, st in sd["state"].items():
-        for k, v in st.items():
-            if isinstance(v, torch.Tensor):
-                tensors[f"optim.{idx}.{k}"] = cpu(v)
-            else:
-                state_meta.setdefault(str(idx), {})[k] = v
-    tensors["rng.torch"] = torch.get_rng_state().clone()
-    dev = _device(model)
-    if dev.type == "cuda":
-        tensors["rng.cuda"] = torch.cuda.get_rng_state(dev).clone()
-    meta = {**meta, "optimizer": {"param_groups": sd["param_groups"], "state": state_meta}}
-    if scaler is not None:  # fp16: the loss scale and its growth counter
-        meta["grad_scaler"] = scaler.state_dict()
-    return QATState(tensors=tensors, meta=meta)
-
-
-def _optimizer_state(state: QATState) -> dict[str, Any]:
-    st: dict[int, dict[str, Any]] = {}
-    for k, v in state.tensors.items():
-        if k.startswith("optim."):
-            _, idx, name = k.split(".", 2)
-            st.setdefault(int(idx), {})[name] = v.clone()
-    for idx, extra in state.meta["optimizer"]["state"].items():
-        st.setdefault(int(idx), {}).update(extra)
-    return {"state": st, "param_groups": copy.deepcopy(state.meta["optimizer"]["param_groups"])}
 
 
 def run_qat(
@@ -325,7 +187,7 @@ def _train(
     on_step: StepHook | None = None,
 ) -> list[EpochRecord]:
     """The loop of :func:`run_qat` / :func:`train_float` (``bit_config=None``: no quantization)."""
-    dev = _device(model)
+    dev = model_device(model)
     precision = config.precision
     precision.check_device(dev)
     if config.loss == "distill":
@@ -346,7 +208,7 @@ def _train(
         if state is None:
             torch.manual_seed(derive_seed(config.seed, "qat-torch"))
         else:
-            stage0, epoch0, opt_state, history = _restore(
+            stage0, epoch0, opt_state, history = restore_state(
                 model, state, base_meta, bit_config, scaler
             )
             partial = state.meta.get("partial")  # a mid-epoch state: the epoch's progress
@@ -355,7 +217,7 @@ def _train(
                 if bit_config is not None:
                     quantize_(model, bit_config, modules=stages[s])
                 if config.freeze_quantized:
-                    _freeze(model, _stage_modules(stages, s))
+                    freeze_modules(model, stage_modules(stages, s))
                 model.zero_grad(set_to_none=True)
             params = [p for p in model.parameters() if p.requires_grad]
             opt = torch.optim.SGD(
@@ -390,7 +252,7 @@ def _train(
                         "global_epoch": g + 1,
                         "history": [asdict(r) for r in history],
                     }
-                    if on_epoch_end(rec, _capture(model, opt, meta, scaler)):
+                    if on_epoch_end(rec, capture_state(model, opt, meta, scaler)):
                         return history
     return history
 
@@ -402,7 +264,7 @@ def _step_hook(
 
     def hook(steps: int, sums: dict[str, Any]) -> None:
         def capture() -> QATState:
-            return _capture(model, opt, {**meta, "partial": {"step": steps, **sums}}, scaler)
+            return capture_state(model, opt, {**meta, "partial": {"step": steps, **sums}}, scaler)
 
         on_step(meta["global_epoch"], steps, capture)
 
@@ -503,37 +365,3 @@ def _data_parallel_step(cfg, opt, params, out, yb, t_out, loss_fn, scaler):  # n
     local = [loss.item() * b_r, *(counts or (0, 0)), float(counts is None)]
     step_loss, correct, total, no_counts = reduce_step(params, local)
     return round(b), step_loss, None if no_counts else (round(correct), round(total))
-
-
-def _restore(
-    model: nn.Module,
-    state: QATState,
-    base_meta: dict[str, Any],
-    bit_config: BitConfig | None,
-    scaler: Scaler,
-):
-    meta = state.meta
-    if meta.get("format") != STATE_FORMAT:
-        raise ValueError(f"state format must be {STATE_FORMAT!r}, got {meta.get('format')!r}")
-    cfg = QATConfig.from_dict(meta["config"])  # keys added since the state was saved: defaults
-    saved = {**meta, "config": cfg.to_dict()}
-    for key in ("stages", "config", "bit_config"):
-        if saved[key] != base_meta[key]:
-            raise ValueError(f"state was saved with a different {key}: {meta[key]!r}")
-    if scaler is not None:  # same config: amp 'fp16', saved with the scaler's state
-        scaler.load_state_dict(meta["grad_scaler"])
-    stages, s, e = meta["stages"], int(meta["stage"]), int(meta["epoch"])
-    if bit_config is not None:
-        quantize_(model, bit_config, modules=_stage_modules(stages, s + 1))
-    if cfg.freeze_quantized:
-        _freeze(model, _stage_modules(stages, s))
-    sd = {k[len("model.") :]: v for k, v in state.tensors.items() if k.startswith("model.")}
-    model.load_state_dict(sd, strict=True)
-    torch.set_rng_state(state.tensors["rng.torch"].clone())
-    dev = _device(model)
-    if dev.type == "cuda" and "rng.cuda" in state.tensors:
-        torch.cuda.set_rng_state(state.tensors["rng.cuda"].clone(), dev)
-    history = [EpochRecord(**r) for r in meta["history"]]
-    if e >= cfg.epochs:  # the stage was finished: the next one starts afresh
-        return s + 1, 0, None, history
-    return s, e, _optimizer_state(state), history

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from pipeline.batching import BatchSource
-from pipeline.config.sections import DataConfig, ModelConfig
+from pipeline.config.inputs import DataConfig, ModelConfig
 
 if TYPE_CHECKING:
     from pipeline.data_factory import FactoryData

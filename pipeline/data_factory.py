@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from pipeline.batching import BatchSource
-from pipeline.config.sections import DataConfig
+from pipeline.config.inputs import DataConfig
 from pipeline.config.strict import ConfigError
 from pipeline.data import Batch
 from pipeline.user_code import import_callable

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from pipeline.batching import BatchSource
-from pipeline.config.sections import DataConfig
+from pipeline.config.inputs import DataConfig
 from pipeline.config.strict import ConfigError
 from pipeline.data import (
     Batch,

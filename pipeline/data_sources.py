@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from hawq.optional import require
-from pipeline.config.sections import DataConfig
+from pipeline.config.inputs import DataConfig
 from pipeline.config.strict import ConfigError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.config.sections import ModelConfig, RunConfig
+from pipeline.config.inputs import ModelConfig
+from pipeline.config.run_config import RunConfig
 from pipeline.config.strict import ConfigError
 from pipeline.user_code import import_callable
 

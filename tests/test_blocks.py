@@ -153,7 +153,7 @@ def test_pipeline_config_accepts_exactly_the_hawq_groupings():
     import typing
 
     from hawq.blocks import GROUPINGS
-    from pipeline.config.sections import HessianSection
+    from pipeline.config.hessian import HessianSection
 
     hints = typing.get_type_hints(HessianSection)
     assert typing.get_args(hints["grouping"]) == GROUPINGS

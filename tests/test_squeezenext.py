@@ -18,7 +18,7 @@ from hawq.blocks import partition_blocks
 from hawq.hessian.operator import HessianOperator
 from hawq.models import SqueezeNext, SqueezeNextBlock, squeezenext
 from pipeline.config import ConfigError
-from pipeline.config.sections import ModelConfig
+from pipeline.config.inputs import ModelConfig
 from pipeline.models import build_model
 
 STAGES = {"23": (6, 6, 8, 1), "23v5": (2, 4, 14, 1)}

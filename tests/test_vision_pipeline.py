@@ -29,7 +29,7 @@ from torch import nn
 from hawq.blocks import partition_blocks
 from hawq.size import MB
 from pipeline.cli import main
-from pipeline.config.sections import ModelConfig
+from pipeline.config.inputs import ModelConfig
 from pipeline.models import build_model
 
 needs_torchvision = pytest.mark.skipif(

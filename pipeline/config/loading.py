@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.config.sections import RunConfig
+from pipeline.config.run_config import RunConfig
 from pipeline.config.strict import ConfigError, Section, join_path
 from pipeline.data_sources import FASHION_MNIST_DIR
 

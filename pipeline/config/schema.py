@@ -1,7 +1,7 @@
 """The config's schema from the dataclasses themselves: every key, type, default, choices, meaning.
 
 The meaning of a key is the attribute docstring under its field in
-:mod:`pipeline.config.sections` / :mod:`pipeline.config.inputs` (one source of truth);
+the section modules of :mod:`pipeline.config` (one source of truth);
 ``hawq config schema`` prints these rows and ``hawq config schema --markdown`` writes
 docs/config.md.
 """
@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import MISSING, dataclass
 from typing import Any, Literal
 
-from pipeline.config.sections import RunConfig
+from pipeline.config.run_config import RunConfig
 from pipeline.config.strict import Section
 
 __all__ = ["KeyInfo", "field_docs", "schema", "schema_markdown", "schema_text"]

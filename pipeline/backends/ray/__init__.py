@@ -1,4 +1,5 @@
-"""The Ray Hessian backend: ``backend`` (driver), ``actors`` (workers), ``config``.
+"""The Ray Hessian backend: ``backend`` (driver), ``grid`` (the actor grid), ``actors`` (workers),
+``config``.
 
 Importing this package does not import Ray; ``pipeline.backends.ray.backend`` does.
 """

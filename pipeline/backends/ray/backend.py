@@ -1,11 +1,11 @@
 """Ray backend: the Hessian analysis on a grid of ``data_shards x block_groups`` actors.
 
-Layout. Actor ``(g, d)`` holds data shard ``d`` (batches ``i`` with ``i % D == d``) and belongs
-to block group ``g`` (bundle ``d`` of the group's placement group, PACKed on one node when it
-fits: :mod:`.placement`); the ``D`` actors of a group form a gloo (nccl on whole GPUs) process
-group and run the *same* ``hawq`` solver code in lockstep, the operator's ``allreduce`` hook
-summing each HVP across shards. Sample weighting makes the sharded operator exactly the
-single-process one (up to the summation order).
+Layout (:mod:`.grid`). Actor ``(g, d)`` holds data shard ``d`` (batches ``i`` with
+``i % D == d``) and belongs to block group ``g`` (bundle ``d`` of the group's placement group,
+PACKed on one node when it fits: :mod:`.placement`); the ``D`` actors of a group form a gloo
+(nccl on whole GPUs) process group and run the *same* ``hawq`` solver code in lockstep, the
+operator's ``allreduce`` hook summing each HVP across shards. Sample weighting makes the
+sharded operator exactly the single-process one (up to the summation order).
 
 Scheduling. A free group takes the next unfinished block, largest ``n_params`` first (online
 LPT), and computes its eigen row; each block's solver stops on its own. Hutchinson probes go to
@@ -25,7 +25,8 @@ again after ``load``.
 
 Faults. A failed call (actor died, collective broken or timed out) makes the driver wait for
 the group's actors (Ray restarts them, ``max_actor_restarts``), rebuild the group's process
-group with a new generation, reload the job and redo the work item: HVPs are pure functions of
+group with a new generation, reload the job (:meth:`.grid.ActorGrid.recover`) and redo the
+work item: HVPs are pure functions of
 (vector, shard), so results are unchanged. Resume: blocks in ``done`` are not recomputed;
 ``on_row`` gets each new eigen row as it finishes (in completion order).
 
@@ -48,29 +49,19 @@ from typing import Any
 
 import pyarrow as pa
 import ray
-from ray.util.placement_group import PlacementGroup, remove_placement_group
 
 from hawq.hessian.table import eigen_row, resumed_row, sensitivity_table, trace_columns
 from hawq.optional import progress_bar
 from pipeline.atomic import pause_point
 from pipeline.backends.base import HessianJob, ProbeCallback, Probes, RowCallback
 from pipeline.backends.plan import CachePlan, grid_plan, log_plan
-from pipeline.backends.ray.actors import FATAL_ERRORS, HessianWorker
 from pipeline.backends.ray.cluster import connect
 from pipeline.backends.ray.config import RayBackendConfig
-from pipeline.backends.ray.placement import actor_options, group_placements
+from pipeline.backends.ray.grid import ActorGrid, fatal_cause
 
 logger = logging.getLogger(__name__)
 
 EventHook = Callable[[str, dict], None]
-
-
-def _fatal_cause(exc: BaseException) -> BaseException | None:
-    """The algorithmic error inside a failed actor call (retrying cannot fix it), if any."""
-    cause = getattr(exc, "cause", None)
-    if isinstance(exc, ray.exceptions.RayTaskError) and isinstance(cause, FATAL_ERRORS):
-        return cause
-    return None
 
 
 @dataclass(kw_only=True)
@@ -102,16 +93,25 @@ class RayBackend:
         if not isinstance(self.config, RayBackendConfig):
             raise ValueError(f"config must be a RayBackendConfig, got {type(config).__name__}")
         self.on_event = on_event
-        self.actors: list[list[ray.actor.ActorHandle]] = []
         self.stats: dict[str, Any] = {}
+        self.grid = ActorGrid(self.config, on_bytes=self._count_bytes)
         self._shutdown: Callable[[], None] | None = None  # set when this backend started Ray
-        self._placement_groups: list[PlacementGroup] = []
-        self.placement: dict[tuple[int, int], dict] = {}
-        self._gens = [0] * self.config.block_groups
         self._inflight: dict[int, _Call] = {}
-        self._deflation_args: list | None = None  # [names, *basis refs] once all are solved
         self._deflate = False
         self.plan: CachePlan | None = None
+
+    @property
+    def actors(self) -> list[list[ray.actor.ActorHandle]]:
+        """``actors[g][d]``: the live actor handles (empty before the first run)."""
+        return self.grid.actors
+
+    @property
+    def placement(self) -> dict[tuple[int, int], dict]:
+        """``placement[(g, d)]``: the node and process id of actor ``(g, d)``."""
+        return self.grid.placement
+
+    def _count_bytes(self, nbytes: int) -> None:
+        self.stats["bytes_to_driver"] = self.stats.get("bytes_to_driver", 0) + nbytes
 
     # ------------------------------------------------------------------ cluster and actors
     def _connect(self) -> None:
@@ -122,144 +122,24 @@ class RayBackend:
     def _plan(self, job: HessianJob) -> CachePlan:
         """The caching plan (logged); fixes ``data_shards`` if it was left to the backend."""
         plan = grid_plan(job, self.config, ray.available_resources())
-        self.config = replace(self.config, data_shards=plan.data_shards)
+        self.config = self.grid.config = replace(self.config, data_shards=plan.data_shards)
         log_plan(plan)
         return plan
 
-    def _start_actors(self) -> None:
-        cfg = self.config
-        total = ray.cluster_resources()
-        need = {"CPU": cfg.n_actors * cfg.cpus_per_actor, "GPU": cfg.n_actors * cfg.gpus_per_actor}
-        for res, amount in need.items():
-            if amount > total.get(res, 0.0) + 1e-9:
-                raise ValueError(
-                    f"{cfg.data_shards}x{cfg.block_groups} actors need {amount:g} {res}, "
-                    f"the cluster has {total.get(res, 0.0):g}"
-                )
-        budget = None if cfg.memory_budget_mb is None else int(cfg.memory_budget_mb * 2**20)
-        self._placement_groups = groups = group_placements(cfg)
-        cls = ray.remote(HessianWorker)
-
-        def actor(g: int, d: int) -> Any:
-            return cls.options(**actor_options(cfg, groups[g], d))
-
-        device = "cuda" if cfg.gpus_per_actor > 0 else "cpu"
-        self.actors = [
-            [
-                actor(g, d).remote(
-                    g,
-                    d,
-                    cfg.data_shards,
-                    device=device,
-                    collective="nccl" if cfg.gpus_per_actor >= 1 else "gloo",
-                    threads=cfg.threads,
-                    timeout_s=cfg.collective_timeout_s,
-                    memory_budget_bytes=budget,
-                    use_job_budget=cfg.memory_budget_mb is None,
-                )
-                for d in range(cfg.data_shards)
-            ]
-            for g in range(cfg.block_groups)
-        ]
-        try:
-            info = self._get([a.ping.remote() for row in self.actors for a in row],
-                             timeout=cfg.start_timeout_s)  # fmt: skip
-        except ray.exceptions.GetTimeoutError as exc:
-            raise RuntimeError(
-                f"{cfg.n_actors} actors did not start within {cfg.start_timeout_s}s "
-                f"(cluster resources: {ray.cluster_resources()})"
-            ) from exc
-        grid = [(g, d) for g in range(cfg.block_groups) for d in range(cfg.data_shards)]
-        self.placement = dict(zip(grid, info, strict=True))
-        nodes = len({i["node"] for i in info})
-        logger.info("started %d actors on %d node(s)", cfg.n_actors, nodes)
-
-    def _get(self, refs: Any, **kwargs: Any) -> Any:
-        """``ray.get`` that counts the pickled bytes of everything it brings to the driver."""
-        values = ray.get(refs, **kwargs)
-        nbytes = len(pickle.dumps(values, protocol=pickle.HIGHEST_PROTOCOL))
-        self.stats["bytes_to_driver"] = self.stats.get("bytes_to_driver", 0) + nbytes
-        return values
-
-    def _wait_alive(self, g: int) -> None:
-        """Block until every actor of group ``g`` answers (Ray restarts dead ones)."""
-        deadline = time.monotonic() + self.config.start_timeout_s
-        for d, actor in enumerate(self.actors[g]):
-            while True:
-                try:
-                    timeout = 2 * self.config.collective_timeout_s
-                    self.placement[(g, d)] = self._get(actor.ping.remote(), timeout=timeout)
-                    break
-                except ray.exceptions.ActorDiedError as exc:
-                    raise RuntimeError(
-                        f"actor g{g}/r{d} died for good (max_actor_restarts="
-                        f"{self.config.max_actor_restarts} exhausted)"
-                    ) from exc
-                except ray.exceptions.GetTimeoutError:  # stuck past the collective timeout
-                    logger.warning("actor g%d/r%d does not answer; restarting it", g, d)
-                    ray.kill(actor, no_restart=False)
-                except ray.exceptions.ActorUnavailableError:
-                    time.sleep(0.2)
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"actor g{g}/r{d} did not come back in time")
-
-    def _setup_groups(self, groups: list[int]) -> None:
-        """Build fresh process groups (new generation) and load the job on ``groups``."""
-        if self.config.data_shards > 1:
-            hosts = self._get([self.actors[g][0].rendezvous.remote() for g in groups])
-        else:  # a single shard needs no process group
-            hosts = [("", 0)] * len(groups)
-        joins = []
-        for g, (host, port) in zip(groups, hosts, strict=True):
-            self._gens[g] += 1
-            joins += [a.join.remote(host, port, self._gens[g]) for a in self.actors[g]]
-        self._get(joins)
-        loads = [
-            a.load.remote(self._gens[g], self._job_ref, self._shard_refs[d])
-            for g in groups
-            for d, a in enumerate(self.actors[g])
-        ]
-        self._get(loads)
-        if self._deflation_args is not None:
-            self._send_deflation(groups)
-
-    def _send_deflation(self, groups: list[int]) -> None:
-        """Hand every block's basis reference to the workers of ``groups``."""
-        args = self._deflation_args
-        counts = self._get([a.set_deflation.remote(self._gens[g], *args)
-                            for g in groups for a in self.actors[g]])  # fmt: skip
-        if min(counts) < len(args[0]):
-            logger.warning(
-                "trace_method='deflated': %d of %d blocks have no Lanczos basis (power "
-                "iteration); their traces use plain Hutchinson probes", len(args[0]) - min(counts),
-                len(args[0]),
-            )  # fmt: skip
-
     def _recover(self, g: int, error: BaseException) -> None:
-        """Wait for group ``g``'s actors, rebuild its process group and reload the job."""
-        for attempt in range(self.config.max_retries + 1):
-            logger.warning("group %d: rebuilding after %s", g, str(error).splitlines()[0][:200])
-            try:
-                self._wait_alive(g)
-                self._setup_groups([g])
-                self.stats["recoveries"] += 1
-                return
-            except (ray.exceptions.RayError, RuntimeError) as exc:
-                if (cause := _fatal_cause(exc)) is not None:
-                    raise cause from exc
-                if attempt == self.config.max_retries:
-                    raise RuntimeError(f"group {g} could not be rebuilt") from exc
-                error = exc
+        """Rebuild group ``g`` (:meth:`ActorGrid.recover`) and count the recovery."""
+        self.grid.recover(g, error)
+        self.stats["recoveries"] += 1
 
     # ------------------------------------------------------------------ work items
     def _submit(self, g: int, kind: str, key: Any, attempt: int = 0) -> _Call:
         basis = None
         if kind == "eigen" and self._deflate:
-            pairs = [a.eigen.options(num_returns=2).remote(self._gens[g], key, d == 0)
+            pairs = [a.eigen.options(num_returns=2).remote(self.grid.gens[g], key, d == 0)
                      for d, a in enumerate(self.actors[g])]  # fmt: skip
             refs, basis = [row for row, _ in pairs], pairs[0][1]
         else:
-            refs = [getattr(a, kind).remote(self._gens[g], key) for a in self.actors[g]]
+            refs = [getattr(a, kind).remote(self.grid.gens[g], key) for a in self.actors[g]]
         call = _Call(group=g, kind=kind, key=key, refs=refs, attempt=attempt, basis=basis)
         self._inflight[g] = call
         self._emit("submit", group=g, kind=kind, key=key, attempt=attempt)
@@ -281,7 +161,7 @@ class RayBackend:
 
     def _probe_limit(self) -> int:
         cfg = self._job.config
-        if not cfg.trace or (self._deflate and self._deflation_args is None):
+        if not cfg.trace or (self._deflate and self.grid.deflation is None):
             return 0
         ahead = max(cfg.trace_min_probes, self._probe_waiting + self.config.block_groups)
         return min(cfg.trace_max_probes, ahead)
@@ -300,7 +180,7 @@ class RayBackend:
         ready, _ = ray.wait(list(owner), num_returns=1)
         call, d = owner[ready[0]]
         try:
-            call.values[d] = self._get(ready[0])
+            call.values[d] = self.grid.get(ready[0])
         except Exception as exc:  # noqa: BLE001 - classified below
             self._failed(call, exc)
             return
@@ -309,7 +189,7 @@ class RayBackend:
             self._finished(call)
 
     def _failed(self, call: _Call, exc: BaseException) -> None:
-        if (cause := _fatal_cause(exc)) is not None:
+        if (cause := fatal_cause(exc)) is not None:
             raise cause from exc
         g = call.group
         del self._inflight[g]
@@ -391,7 +271,7 @@ class RayBackend:
         self._by_name = {b.name: b for b in blocks}
         rows = {b.name: resumed_row(done[b.name], b, hcfg) for b in blocks if b.name in done}
         self._deflate = hcfg.trace and hcfg.trace_method == "deflated"
-        self._deflation_args, self._bases = None, {}
+        self.grid.deflation, self._bases = None, {}
         solve = [b for b in blocks if b.name not in done or self._deflate]
         todo = sorted(solve, key=lambda b: -b.n_params)
         self.stats = dict.fromkeys(
@@ -403,17 +283,18 @@ class RayBackend:
         self.plan = self._plan(job)
         cfg = self.config
         if not self.actors:
-            self._start_actors()
+            self.grid.start()
         self.stats["nodes"] = len({i["node"] for i in self.placement.values()})
         self.stats["data_shards"] = cfg.data_shards
         D = cfg.data_shards
         self._job = job
-        self._job_ref = ray.put(replace(job, batches=()))
-        self._shard_refs = [ray.put(list(job.batches[d::D])) for d in range(D)]
+        self.grid.load(
+            ray.put(replace(job, batches=())), [ray.put(list(job.batches[d::D])) for d in range(D)]
+        )
         try:
-            self._setup_groups(list(range(cfg.block_groups)))
+            self.grid.setup(list(range(cfg.block_groups)))
         except (ray.exceptions.RayError, RuntimeError) as exc:
-            if (cause := _fatal_cause(exc)) is not None:
+            if (cause := fatal_cause(exc)) is not None:
                 raise cause from exc
             for g in range(cfg.block_groups):
                 self._recover(g, exc)
@@ -434,9 +315,9 @@ class RayBackend:
             while self._blocks_todo or any(c.kind == "eigen" for c in self._inflight.values()):
                 self._step()
             if self._deflate:
-                self._deflation_args = [[b.name for b in blocks],
-                                        *[self._bases[b.name] for b in blocks]]  # fmt: skip
-                self._send_deflation(list(range(cfg.block_groups)))
+                self.grid.deflation = [[b.name for b in blocks],
+                                       *[self._bases[b.name] for b in blocks]]  # fmt: skip
+                self.grid.send_deflation(list(range(cfg.block_groups)))
             t2 = time.perf_counter()
             traces: dict[str, dict] = {}
             if hcfg.trace:
@@ -447,7 +328,7 @@ class RayBackend:
         finally:
             self._bar.close()
             self._drain()
-            self._deflation_args, self._bases = None, {}
+            self.grid.deflation, self._bases = None, {}
         self.stats.update(seconds_setup=t1 - t0, seconds_eigen=t2 - t1,
                           seconds_trace=time.perf_counter() - t2)  # fmt: skip
         return sensitivity_table(blocks, rows, traces)
@@ -467,13 +348,7 @@ class RayBackend:
 
     def close(self) -> None:
         """Kill the actors; shut Ray down if this backend started it (idempotent)."""
-        if ray.is_initialized():
-            for row in self.actors:
-                for actor in row:
-                    ray.kill(actor, no_restart=True)
-            for pg in self._placement_groups:
-                remove_placement_group(pg)
-        self.actors, self.placement, self._placement_groups = [], {}, []
+        self.grid.close()
         if self._shutdown is not None:
             self._shutdown()
             self._shutdown = None
