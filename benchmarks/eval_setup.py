@@ -30,6 +30,7 @@ import yaml
 import hawq
 from hawq.allocate import Allocation, AllocConfig, InfeasibleAllocation, Problem, allocate
 from hawq.quant.bitconfig import atomic_write
+from hawq.validation import INT_BITS
 from pipeline.config import load_config
 from pipeline.data import DataBundle, load_data
 from pipeline.models import build_model, loss_fn_for
@@ -54,6 +55,8 @@ class Experiment:
     qat_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     qat_random: int = 3  # random allocations fine-tuned with every seed
     qat_solver: str = "ilp"  # the solver family of the QAT and order studies
+    # uniform-b allocations (every free block at b bits) QAT-trained with the same recipe
+    qat_uniform: tuple[int, ...] = ()
     final_epochs: int = 1  # epochs with every block trainable after the block stages
     orders: tuple[str, ...] = ("descending", "reverse", "random")
     augment: bool = True  # random crop (pad 4) + horizontal flip during QAT
@@ -62,8 +65,18 @@ class Experiment:
     reduced: str = ""  # what this run leaves out relative to the issue (shown in the doc)
 
     def __post_init__(self) -> None:
-        for key in ("overrides", "qat_seeds", "orders", "studies"):
+        if not isinstance(self.qat_uniform, list | tuple):
+            raise ValueError(f"{self.name}: qat_uniform must be a list of bit widths, e.g. [4]")
+        for key in ("overrides", "qat_seeds", "orders", "studies", "qat_uniform"):
             object.__setattr__(self, key, tuple(getattr(self, key)))
+        for b in self.qat_uniform:
+            if isinstance(b, bool) or not isinstance(b, int) or b not in INT_BITS:
+                raise ValueError(
+                    f"{self.name}: qat_uniform must list weight bit widths in 2..8 (e.g. [4]), "
+                    f"got {b!r}"
+                )
+        if len(set(self.qat_uniform)) != len(self.qat_uniform):
+            raise ValueError(f"{self.name}: qat_uniform {list(self.qat_uniform)} repeats a width")
         if self.qat_solver not in ("ilp", "v1"):
             raise ValueError(f"{self.name}: qat_solver must be 'ilp' or 'v1'")
         t = self.size_tolerance
@@ -120,7 +133,16 @@ def load_eval_config(path: str | Path) -> EvalConfig:
 # Fields whose change keeps saved results valid: rows and runs are keyed by allocation name,
 # bits, seed and order, and the studies drop those no longer configured.
 RESUMABLE_FIELDS = frozenset(
-    {"title", "reduced", "ptq_random", "qat_random", "qat_seeds", "orders", "studies"}
+    {
+        "title",
+        "reduced",
+        "ptq_random",
+        "qat_random",
+        "qat_seeds",
+        "qat_uniform",
+        "orders",
+        "studies",
+    }
 )
 
 
@@ -150,6 +172,18 @@ def smoke_config(cfg: EvalConfig, out_dir: Path) -> EvalConfig:
         img_dir=str(out_dir / "img"),
         results_dir=str(out_dir / "results"),
     )
+
+
+def check_uniform_widths(exp: Experiment, run_cfg) -> None:
+    """``exp.qat_uniform`` widths must be candidate bits of the allocation (Omega covers only
+    those); raises a ValueError naming the key before any work starts."""
+    cand = tuple(run_cfg.allocation.candidate_bits)
+    bad = [b for b in exp.qat_uniform if b not in cand]
+    if bad:
+        raise ValueError(
+            f"{exp.name}: qat_uniform {bad} not among allocation.candidate_bits {list(cand)} of "
+            f"{exp.config}; use widths from that list"
+        )
 
 
 # ----------------------------------------------------------------------------- loading

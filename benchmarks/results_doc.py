@@ -14,6 +14,7 @@ import os
 import platform
 from pathlib import Path
 
+import numpy as np
 import torch
 from paired_stats import mean_ci
 from results_plots import plots
@@ -43,8 +44,40 @@ SIZE_TEXT = (
 TARGET_COMPRESSION = 12.5  # the issue's "~13x" (13.11x in the paper)
 
 
-def acceptance(res: dict, st: dict | None, qat_pairs: list) -> list[str]:
-    """The issue's acceptance lines, checked against this experiment's numbers."""
+def uniform_qat_lines(res: dict) -> list[str]:
+    """One acceptance line per QAT uniform-b arm: mean +- sd over seeds and the gap to float
+    (checked against the 1.5-point target for W4/A4)."""
+    fp, a = res["float_acc"], res["alloc"]
+    runs = res.get("qat", {}).get("runs", [])
+    out = []
+    for name in dict.fromkeys(r["name"] for r in runs if r["kind"] == "uniform"):
+        rs = [r for r in runs if r["name"] == name]
+        accs = np.array([r["acc"] for r in rs])
+        m = float(accs.mean())
+        sd = float(accs.std(ddof=1)) if len(accs) > 1 else math.nan
+        b = int(name.split("-")[1])
+        pins = "/".join(str(v) for v in sorted({v for v in rs[0]["bits"].values() if v != b}))
+        gap = 100 * (fp - m)
+        target = (
+            f"the 1.5-point target: {'meets' if fp - m <= 0.015 else 'MISSES'}"
+            if (b, a["act_bits"]) == (4, 4)
+            else "the 1.5-point target is for W4/A4"
+        )
+        out.append(
+            f"  - QAT uniform W{b}/A{a['act_bits']} (first/last W{pins or b}/"
+            f"A{a['last_act_bits']}, {a['input_act_bits']}-bit input) at "
+            f"{rs[0]['weight_compression']:.2f}x: {pct(m)} +- {pct(sd)}% (mean +- sd) over "
+            f"{len(rs)} seeds, {gap:.2f} points under float ({target})."
+        )
+    return out
+
+
+def acceptance(
+    res: dict, st: dict | None, qat_pairs: list, uniform_qat_in: str | None = None
+) -> list[str]:
+    """The issue's acceptance lines, checked against this experiment's numbers;
+    ``uniform_qat_in`` names the experiment (this or another of the same model and overrides)
+    whose QAT study trained uniform-4, if any."""
     name, fp = res["experiment"]["name"], res["float_acc"]
     out = [f"- **{name}** (float {pct(fp)}%):"]
     if st is not None:
@@ -59,16 +92,21 @@ def acceptance(res: dict, st: dict | None, qat_pairs: list) -> list[str]:
                 f"float, without training (the 3.0-point target is for ~13x after QAT; "
                 f"see the QAT line)."
             )
+        after_qat = {
+            "uniform-4": f"after QAT: see the QAT uniform line of {uniform_qat_in}",
+            "uniform-4-all-a4": "QAT trains the first/last W8/A8 variant only",
+        }
         for key, label in (
             ("uniform-4", "uniform W4/A4, first/last layer W8/A8"),
             ("uniform-4-all-a4", "uniform W4/A4 everywhere"),
         ):
             if key in by:
                 gap = 100 * (fp - by[key]["acc"])
+                qat = "uniform QAT not run" if uniform_qat_in is None else after_qat[key]
                 out.append(
                     f"  - PTQ {label}: {pct(by[key]['acc'])}% ({gap:.2f} points under "
                     f"float, PTQ; the 1.5-point target: {'met' if gap <= 1.5 else 'not met'} "
-                    "without training, uniform QAT not run)."
+                    f"without training, {qat})."
                 )
         for where, vs, r, _ in st["pairs"]:
             out.append(f"  - PTQ HAWQ ({where}) vs {vs}: {fmt_paired(r)}: {verdict(r)}.")
@@ -97,11 +135,13 @@ def acceptance(res: dict, st: dict | None, qat_pairs: list) -> list[str]:
                 f"  - QAT HAWQ at {wc:.2f}x: {pct(m)} +- {pct(hw)}% over {len(hs)} seeds, "
                 f"{100 * (fp - m):.2f} points under float ({target})."
             )
-    return out
+    return out + uniform_qat_lines(res)
 
 
-def experiment_md(res: dict, img_dir: Path, doc_dir: Path) -> tuple[list[str], list[str]]:
-    """The experiment's section and its acceptance lines."""
+def experiment_md(
+    res: dict, img_dir: Path, doc_dir: Path, uniform_qat_in: str | None = None
+) -> tuple[list[str], list[str]]:
+    """The experiment's section and its acceptance lines (``uniform_qat_in``: ``acceptance``)."""
     e = res["experiment"]
     a = res["alloc"]
     out = [f"## {e['title']}", ""]
@@ -158,7 +198,20 @@ def experiment_md(res: dict, img_dir: Path, doc_dir: Path) -> tuple[list[str], l
         out += ["", *plots(res, img_dir, doc_dir)]
     secs = res.get("seconds", {})
     out += ["", "Wall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in secs.items()) + "."]
-    return out, acceptance(res, st, pairs)
+    return out, acceptance(res, st, pairs, uniform_qat_in)
+
+
+def _uniform_qat_in(res: dict, results: list[dict]) -> str | None:
+    """The first experiment of the same model config and overrides as ``res`` (``res`` itself
+    first) whose QAT study trained uniform-4."""
+    key = (res["experiment"]["config"], res["overrides"])
+    for r in sorted(results, key=lambda r: r is not res):
+        runs = r.get("qat", {}).get("runs", [])
+        if (r["experiment"]["config"], r["overrides"]) == key and any(
+            x["name"] == "uniform-4" for x in runs
+        ):
+            return r["experiment"]["name"]
+    return None
 
 
 def device_text(device: torch.device, threads: int) -> str:
@@ -173,13 +226,15 @@ def write_doc(cfg, cmd: str, *, smoke: bool, device: torch.device) -> Path:
     doc = Path(cfg.doc)
     img_dir = Path(cfg.img_dir)
     doc.parent.mkdir(parents=True, exist_ok=True)
-    sections, acc_lines, missing = [], [], []
+    sections, acc_lines, missing, results = [], [], [], []
     for e in cfg.experiments:
         path = Path(cfg.results_dir) / f"{e.name}.json"
-        if not path.exists():
+        if path.exists():
+            results.append(json.loads(path.read_text()))
+        else:
             missing.append(e.name)
-            continue
-        sec, acc = experiment_md(json.loads(path.read_text()), img_dir, doc.parent)
+    for res in results:
+        sec, acc = experiment_md(res, img_dir, doc.parent, _uniform_qat_in(res, results))
         sections += [*sec, ""]
         acc_lines += acc
     lines = [

@@ -170,6 +170,24 @@ def _seed_matrix(runs: list[dict], name: str, seeds: list[int]) -> np.ndarray:
     return np.stack([by[s] for s in seeds])
 
 
+def _uniform_pairs(runs: list[dict], names: list[str], hawq: str, paired) -> list[str]:
+    """``paired`` HAWQ with each uniform-b allocation of the same size: weight bits within
+    ``SAME_SIZE`` of HAWQ's, i.e. |W-Comp(HAWQ) / W-Comp(uniform) - 1| <= 2%. Returns the
+    descriptions of the uniform allocations of another size (no paired comparison)."""
+    wcomp = {r["name"]: r["weight_compression"] for r in runs}
+    off_size = []
+    for u in (n for n in names if n.startswith("uniform")):
+        dev = wcomp[hawq] / wcomp[u] - 1  # uniform's weight bits relative to HAWQ's
+        if abs(dev) <= SAME_SIZE:
+            paired([u], f"{u} (the same size: weight bits {100 * dev:+.1f}%)")
+        else:
+            off_size.append(
+                f"{u} at {wcomp[u]:.2f}x (weight bits {100 * dev:+.0f}% vs HAWQ's "
+                f"{wcomp[hawq]:.2f}x)"
+            )
+    return off_size
+
+
 def qat_md(res: dict) -> tuple[list[str], list]:
     q = res["qat"]
     runs = q["runs"]
@@ -231,10 +249,13 @@ def qat_md(res: dict) -> tuple[list[str], list]:
                 f" ({same} with the same bits as HAWQ)" if same else ""
             )
             paired(rand, label)
-        n_distinct = len({json.dumps(b, sort_keys=True) for b in bits.values()})
+        off_size = _uniform_pairs(runs, names, hawq, paired)
+        solver_bits = [b for n, b in bits.items() if not n.startswith("uniform")]
+        n_distinct = len({json.dumps(b, sort_keys=True) for b in solver_bits})
         out += [
             "",
-            f"{n_distinct} distinct bit assignment(s) among these {len(names)} allocations"
+            f"{n_distinct} distinct bit assignment(s) among these {len(solver_bits)} allocations"
+            + (" of the solver (uniform aside)" if len(solver_bits) < len(names) else "")
             + (
                 f"; {', '.join(twins)} got exactly HAWQ's bits, so their difference from "
                 "HAWQ is zero by construction"
@@ -243,6 +264,12 @@ def qat_md(res: dict) -> tuple[list[str], list]:
                 else "."
             ),
         ]
+        if off_size:
+            out += [
+                "",
+                "Not the same size as HAWQ (weight bits more than 2% apart), so not compared "
+                "with it, only with float: " + "; ".join(off_size) + ".",
+            ]
     out += [
         "",
         "HAWQ minus the comparison, paired by seed and test image (two-way bootstrap: "

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +38,14 @@ def test_eval_configs_load_and_are_strict(tmp_path: Path) -> None:
         assert all(e.ptq_random >= 10 for e in cfg.experiments)
     gpu = load_eval_config(ROOT / "configs" / "evaluate" / "gpu.yaml")
     assert all(len(e.qat_seeds) >= 5 and e.qat_random >= 3 for e in gpu.experiments)
+    cpu = load_eval_config(ROOT / "configs" / "evaluate" / "cpu.yaml")
+    for cfg, with_uniform in (
+        (cpu, {"resnet20_cifar10_qat8x", "resnet56_cifar10"}),
+        (gpu, {"resnet20_cifar10_qat8x", "resnet56_cifar10", "fashion_mnist_resnet20"}),
+    ):
+        assert {e.name: e.qat_uniform for e in cfg.experiments} == {
+            e.name: (4,) if e.name in with_uniform else () for e in cfg.experiments
+        }
     bad = tmp_path / "bad.yaml"
     bad.write_text("experiments: [{name: a, title: b, config: c, seedz: [1]}]\n")
     with pytest.raises(ValueError, match="seedz"):
@@ -46,6 +56,39 @@ def test_eval_configs_load_and_are_strict(tmp_path: Path) -> None:
     bad.write_text("experiments: [{name: a, title: b, config: c, studies: [qat, ptqq]}]\n")
     with pytest.raises(ValueError, match="studies"):
         load_eval_config(bad)
+    for widths in ("[4.0]", "[true]", "[9]", "[1]", "['4']", "[4, 4]", "4"):
+        bad.write_text(f"experiments: [{{name: a, title: b, config: c, qat_uniform: {widths}}}]\n")
+        with pytest.raises(ValueError, match="a: qat_uniform"):
+            load_eval_config(bad)
+    bad.write_text("experiments: [{name: a, title: b, config: c}]\nsmoke: {qat_uniform: [0]}\n")
+    with pytest.raises(ValueError, match="qat_uniform"):
+        load_eval_config(bad)
+
+
+def test_uniform_widths_outside_the_candidate_bits_fail_before_any_work(
+    tmp_path: Path, capsys
+) -> None:
+    from eval_setup import Experiment, check_uniform_widths, load_run_config
+    from evaluate_hawq import main
+
+    exp = Experiment(name="a", title="b", config="configs/resnet20_cifar10.yaml")
+    run_cfg = load_run_config(exp)
+    assert tuple(run_cfg.allocation.candidate_bits) == (2, 4, 8)
+    for ok in ((), (2,), (4, 8)):
+        check_uniform_widths(replace(exp, qat_uniform=ok), run_cfg)
+    with pytest.raises(ValueError, match=r"a: qat_uniform \[3\] not among allocation\.cand"):
+        check_uniform_widths(replace(exp, qat_uniform=(4, 3)), run_cfg)
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(
+        "experiments: [{name: a, title: b, config: configs/resnet20_cifar10.yaml, "
+        "qat_uniform: [3]}]\n"
+    )
+    with pytest.raises(SystemExit):
+        main(["--config", str(cfg), "--out", str(tmp_path / "out")])
+    assert (
+        "qat_uniform [3] not among allocation.candidate_bits [2, 4, 8]" in capsys.readouterr().err
+    )
+    assert not (tmp_path / "out").exists()  # nothing ran, nothing was written
 
 
 def test_anti_reverses_the_free_blocks_ranks() -> None:
@@ -65,13 +108,32 @@ def test_anti_reverses_the_free_blocks_ranks() -> None:
 
 
 @needs_data
-def test_smoke_run_writes_doc_consistent_with_results(tmp_path: Path) -> None:
+def _smoke(out: Path) -> str:
+    """Run the smoke evaluation into ``out``; its log (stdout)."""
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "evaluate_hawq.py"), "--smoke",
-         "--out", str(tmp_path)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+         "--out", str(out)],
+        cwd=out, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _uniform_acceptance_line(res: dict) -> str:
+    """The doc's QAT uniform-4 line, from the saved runs (numbers recomputed here)."""
+    accs = [r["acc"] for r in res["qat"]["runs"] if r["name"] == "uniform-4"]
+    m, sd = statistics.mean(accs), statistics.stdev(accs)
+    gap = 100 * (res["float_acc"] - m)
+    wc = next(r for r in res["qat"]["runs"] if r["name"] == "uniform-4")["weight_compression"]
+    return (
+        f"QAT uniform W4/A4 (first/last W8/A8, 8-bit input) at {wc:.2f}x: {100 * m:.2f} +- "
+        f"{100 * sd:.2f}% (mean +- sd) over {len(accs)} seeds, {gap:.2f} points under float "
+        f"(the 1.5-point target: {'meets' if gap <= 1.5 else 'MISSES'})."
+    )
+
+
+def test_smoke_run_writes_doc_consistent_with_results(tmp_path: Path) -> None:
+    _smoke(tmp_path)
     doc = (tmp_path / "results.md").read_text()
     assert "SMOKE RUN" in doc and "## Acceptance" in doc
     res = json.loads((tmp_path / "results" / "resnet20_cifar10.json").read_text())
@@ -109,19 +171,56 @@ def test_smoke_run_writes_doc_consistent_with_results(tmp_path: Path) -> None:
         rf"\| hawq-ilp-eigenvalue \| ilp \| eigenvalue \|[^\n]*\| {hawq_acc:.2f} \|", doc
     )
     runs = res["qat"]["runs"]
-    assert sorted({(r["name"], r["seed"]) for r in runs}) == sorted(
-        (n, s) for n in ("hawq-ilp-eigenvalue", "anti-ilp-eigenvalue", "random-ilp-0")
+    assert sorted((r["name"], r["seed"]) for r in runs) == sorted(
+        (n, s) for n in ("hawq-ilp-eigenvalue", "anti-ilp-eigenvalue", "random-ilp-0",
+                         "uniform-4")
         for s in (0, 1)
     )  # fmt: skip
+    # the uniform arm: every free block at 4 bits, first conv / last linear pinned at 8, as
+    # in PTQ's uniform-4 (whose size comes from hawq.size, not from the allocation)
+    blocks = [r["block"] for r in res["sensitivity"]]
+    want = {b: 8 if b in (blocks[0], blocks[-1]) else 4 for b in blocks}
+    uni = [r for r in runs if r["name"] == "uniform-4"]
+    assert rows["uniform-4"]["bits"] == want
+    for r in uni:
+        assert r["kind"] == "uniform" and r["bits"] == want and r["order"] == "descending"
+        assert r["acc"] == pytest.approx(r["correct"].count("1") / 96)
+        assert r["weight_compression"] == pytest.approx(rows["uniform-4"]["weight_compression"])
+    assert res["alloc"]["act_bits"] == 4 and res["alloc"]["input_act_bits"] == 8
+    assert _uniform_acceptance_line(res) in doc
+    # HAWQ's QAT allocation is at 13x, uniform-4 at 8x: not the same size, never paired
+    hawq_wc = next(r for r in runs if r["kind"] == "hawq")["weight_compression"]
+    assert hawq_wc / uni[0]["weight_compression"] - 1 > 0.02
+    assert "vs uniform-4" not in doc and "| uniform-4 (" not in doc
+    assert f"uniform-4 at {uni[0]['weight_compression']:.2f}x (weight bits" in doc
+    assert "after QAT: see the QAT uniform line of resnet20_cifar10" in doc
+    assert "uniform QAT not run" not in doc
     orders = {(r["order"], r["seed"]): r for r in res["order"]["runs"]}
     assert set(orders) == {(o, s) for o in ("descending", "reverse") for s in (0, 1)}
     assert "Spearman" in doc and "two-way bootstrap" in doc
     pngs = sorted(p.name for p in (tmp_path / "img").glob("*.png"))
     assert pngs == ["resnet20_cifar10_acc_vs_size.png", "resnet20_cifar10_omega_vs_acc.png"]
 
+    # results saved before qat_uniform existed: a rerun trains the uniform arm only, and
+    # (QAT being deterministic in bits and seed) reproduces it exactly
+    path = tmp_path / "results" / "resnet20_cifar10.json"
+    old = json.loads(path.read_text())
+    del old["experiment"]["qat_uniform"]
+    old["qat"]["runs"] = [r for r in old["qat"]["runs"] if r["kind"] != "uniform"]
+    path.write_text(json.dumps(old))
+    log = _smoke(tmp_path)
+    assert re.findall(r"QAT (\S+) seed (\d): [\d.]+% \((\w+)", log) == [
+        ("uniform-4", "0", "trained"),
+        ("uniform-4", "1", "trained"),
+    ]
+    assert " PTQ " not in log and " order " not in log
+    again = json.loads(path.read_text())
+    assert again["ptq"] == res["ptq"] and again["order"] == res["order"]
+    assert again["qat"]["runs"] == runs
+
 
 def test_saved_results_stay_valid_only_for_the_same_settings() -> None:
-    from dataclasses import asdict, replace
+    from dataclasses import asdict
 
     from eval_setup import Experiment, same_settings
 
@@ -136,3 +235,6 @@ def test_saved_results_stay_valid_only_for_the_same_settings() -> None:
     assert not same_settings(old, replace(exp, size_tolerance=0.05))
     assert not same_settings(saved, replace(exp, overrides=("x=2",)))
     assert not same_settings(saved, replace(exp, qat_compression=8.0))
+    # a uniform QAT arm added to results saved before the key existed: resumed, arm added
+    assert same_settings({k: v for k, v in saved.items() if k != "qat_uniform"}, exp)
+    assert same_settings(old, replace(exp, qat_uniform=(4,)))
