@@ -328,8 +328,9 @@ class HessianOperator:
         width = sum(psizes)
         acc = torch.zeros(len(flats) * width + 1, dtype=self.dtype, device=self.device)
         vparts, views = [], []
+        block_sizes = [[self._shapes[n].numel() for n in self._block_params[b]] for b in names]
         for k, flat in enumerate(flats):
-            parts = torch.cat(list(flat)).split(psizes)
+            parts = [p for v, ss in zip(flat, block_sizes, strict=True) for p in v.split(ss)]
             vparts.append([p.view(self._shapes[n]) for p, n in zip(parts, pnames, strict=True)])
             chunk = acc[k * width : (k + 1) * width].split(psizes)
             views.append([c.view(self._shapes[n]) for c, n in zip(chunk, pnames, strict=True)])
