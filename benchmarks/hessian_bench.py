@@ -19,7 +19,11 @@ Prints, from one run on real CIFAR-10 training images (``cifar10_subset.npz``):
 (e) traces: HVPs until each block's Hutchinson stderr is <= 5%, plain vs deflated
     (``hawq.hessian.trace_deflated``), from the per-probe variances of both on the same
     ``--trace-probes`` probes, with ``--trace-batches`` batches (section code in
-    ``hessian_trace.py``; ``--only-trace`` runs just this section).
+    ``hessian_trace.py``; ``--only-trace`` runs just this section);
+(f) Hutchinson probes in chunks: time per probe with each uncached batch's graph rebuilt per
+    probe (K=1) vs once per chunk of ``--chunk`` probes, ``--chunk-batches`` batches of which
+    ``--chunk-cached`` keep their graph (section code in ``hessian_chunk.py``; ``--only-chunk``
+    runs just this section).
 
 The CPU timings are wall-clock on whatever else runs on the machine; compare the ratios
 from one run. ``--skip-pyhessian``, ``--skip-multi``, ``--blocks N`` give quick runs.
@@ -45,6 +49,7 @@ from hawq.hessian.table import HessianConfig, block_eigen_row
 from hawq.models import cifar_resnet, load_cifar_checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
+from hessian_chunk import batched_backward, chunk_report, chunk_timing  # noqa: E402
 from hessian_trace import trace_hvps, trace_report  # noqa: E402
 
 MEAN = (0.485, 0.456, 0.406)
@@ -319,13 +324,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--trace-probes", type=int, default=100, help="shared probes measured in (e)")
     ap.add_argument("--skip-trace", action="store_true", help="skip (e)")
     ap.add_argument("--only-trace", action="store_true", help="run (e) only")
+    ap.add_argument("--chunk", type=int, default=8, help="probes per graph build in (f)")
+    ap.add_argument("--chunk-probes", type=int, default=16, help="probes timed per mode in (f)")
+    ap.add_argument("--chunk-batches", type=int, default=8, help="batches for (f)")
+    ap.add_argument("--chunk-cached", type=int, default=0, help="cached graphs in (f)")
+    ap.add_argument("--skip-chunk", action="store_true", help="skip (f)")
+    ap.add_argument("--only-chunk", action="store_true", help="run (f) only")
     ap.add_argument("--out", type=Path, help="also write the tables as markdown here")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model = load_model(args.data)
-    batches = load_batches(args.data, max(args.batches, args.trace_batches, 1), args.batch_size)
+    n_batches = max(args.batches, args.trace_batches, args.chunk_batches, 1)
+    batches = load_batches(args.data, n_batches, args.batch_size)
     blocks = partition_blocks(model)
     if args.blocks:
         idx = sorted({round(i) for i in np.linspace(0, len(blocks) - 1, args.blocks)})
@@ -341,6 +353,17 @@ def main(argv: list[str] | None = None) -> None:
         report.append(text)
 
     emit("\n".join(report))
+    if not args.skip_chunk:
+        timing = chunk_timing(model, batches[: args.chunk_batches], blocks, chunk=args.chunk,
+                              probes=args.chunk_probes, cached=args.chunk_cached,
+                              seed=args.seed, threads=args.threads)  # fmt: skip
+        backward = batched_backward(model, batches[0], blocks, chunk=args.chunk,
+                                    threads=args.threads)  # fmt: skip
+        emit(f"\n## (f) Hutchinson probes per graph build, K=1 vs K={args.chunk}\n")
+        emit(chunk_report(timing, backward, args.chunk, args.batch_size, md_table))
+    if args.only_chunk:
+        finish(report, args.out)
+        return
     if not args.skip_trace:
         out = trace_hvps(model, batches[: args.trace_batches], blocks, tol=args.tol,
                          seed=args.seed, probes=args.trace_probes)  # fmt: skip

@@ -7,14 +7,24 @@ assumed). The cost model, on ``D`` devices with ``S`` Hessian samples (``s = S /
 and room for ``c = min(s, (M - fixed) / per_sample)`` cached samples per device:
 
 * eigenvalues: ``sum_b L_b * (c * hvp_b + (s - c) * rebuild_b)``, with ``L_b`` Lanczos HVPs;
-* traces: ``P * (c * joint + (s - c) * rebuild_joint)``, ``P`` joint probes;
-* graph builds: ``c * build``; an all-reduce per HVP when ``D > 1`` (latency + bytes / bw);
+* traces, ``P`` joint probes computed ``K`` per graph build (``hessian.trace_probe_chunk``;
+  ``P`` rounded up to whole chunks, ``n = ceil(P / K)`` chunks):
+  ``P * s * joint + n * (s - c) * (rebuild_joint - joint)``, i.e. every probe one joint HVP
+  backward per sample, every uncached sample's graph rebuilt once per chunk (``K = 1``:
+  ``P * (c * joint + (s - c) * rebuild_joint)``, a rebuild per probe);
+* graph builds: ``c * build``; an all-reduce per Lanczos HVP and per chunk of probes when
+  ``D > 1`` (latency + bytes / bw);
 * the pipeline: 1 float epoch, ``stages`` QAT epochs, ``eval_passes`` over the validation
   set, plus the analysis; an input pipeline slower than training caps the training rate.
 
 Data-parallel efficiency ``e(D)`` (measured with ``benchmarks/ddp_scaling.py``) divides the
 training and evaluation stages' ideal ``1 / D``; ``None`` means ideal scaling. The analysis
 is not divided by it: its data-parallel cost is the all-reduce per HVP modelled above.
+
+Deflated traces (``trace_method: deflated``) need fewer probes for the same precision: the
+ratio of joint HVPs (plain / deflated) to the same stderr is not measured on ResNet-50 but on
+the pretrained ResNet-20 (``DEFLATED_HVP_RATIO``); the projection divides the plain probe
+counts by it. Projecting a probe off the bases (``2 k n`` flops per block) is not counted.
 """
 
 from __future__ import annotations
@@ -77,11 +87,17 @@ class Target:
 
 GB = 1e9
 
+DEFLATED_HVP_RATIO = {"trace phase": 5.4, "median block": 5.3}
+"""Plain / deflated joint HVPs to a 5% stderr, measured in docs/benchmarks/hessian_bench.md (e)
+(pretrained CIFAR ResNet-20, 8 batches of 128, 100 shared probes; the trace phase = its slowest
+block, 10,784 -> 1,997; the median block's ratio 5.3x)."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class Workload:
     samples: int = 4096
     trace_probes: int = 200
+    probe_chunk: int = 1  # probes per graph build (hessian.trace_probe_chunk)
     train_images: int = 1_281_167
     eval_images: int = 50_000
     qat_stages: int = 5
@@ -99,7 +115,9 @@ def analysis_seconds(c: Costs, t: Target, w: Workload) -> dict[str, float]:
         c.lanczos_hvps(b) * (cached * c.units(c.hvp[b]) + unc * c.units(c.rebuild_of(b)))
         for b in c.hvp
     )
-    trace_units = w.trace_probes * (cached * c.units(c.joint) + unc * c.units(c.rebuild_joint))
+    chunks = math.ceil(w.trace_probes / w.probe_chunk)
+    probes = chunks * w.probe_chunk if w.probe_chunk > 1 else w.trace_probes
+    trace_units = probes * s * c.units(c.joint) + chunks * unc * c.units(c.rebuild_joint - c.joint)
     build_units = cached * c.units(c.build)
     out = {
         "cached_fraction": cached / s,
@@ -111,8 +129,8 @@ def analysis_seconds(c: Costs, t: Target, w: Workload) -> dict[str, float]:
     if t.devices > 1:
         hvps = sum(c.lanczos_hvps(b) for b in c.hvp)
         eig_bytes = sum(c.lanczos_hvps(b) * c.block_params[b] * 4 for b in c.hvp)
-        joint_bytes = w.trace_probes * sum(c.block_params.values()) * 4
-        n = hvps + w.trace_probes
+        joint_bytes = probes * sum(c.block_params.values()) * 4
+        n = hvps + chunks
         ring = 2 * (t.devices - 1) / t.devices  # ring all-reduce moves 2(D-1)/D of the data
         out["comm"] = n * t.allreduce_latency_s + ring * (eig_bytes + joint_bytes) / (
             t.allreduce_bytes_per_s
@@ -192,6 +210,29 @@ def targets_for(args, on_gpu: bool, costs: Costs) -> list[Target]:
     ]
 
 
+def trace_variants(work: Workload, median_probes: int, chunk: int) -> dict[str, Workload]:
+    """The analysis workloads compared in (g): estimator x probes per graph build, at the
+    probe cap (``work.trace_probes``) and at 5% on the median block."""
+    r = DEFLATED_HVP_RATIO
+    at_cap = math.ceil(work.trace_probes / r["trace phase"])
+    median = math.ceil(median_probes / r["median block"])
+    rep = dataclasses.replace
+    return {
+        f"plain, {work.trace_probes} probes, 1 per build (before chunking)": rep(
+            work, probe_chunk=1
+        ),
+        f"plain, {work.trace_probes} probes, {chunk} per build": rep(work, probe_chunk=chunk),
+        f"**deflated, {at_cap} probes (= plain {work.trace_probes}'s precision), {chunk} per "
+        "build**": rep(work, trace_probes=at_cap, probe_chunk=chunk),
+        f"5% on the median block: plain, {median_probes} probes, 1 per build": rep(
+            work, trace_probes=median_probes, probe_chunk=1
+        ),
+        f"5% on the median block: deflated, {median} probes, {chunk} per build": rep(
+            work, trace_probes=median, probe_chunk=chunk
+        ),
+    }
+
+
 def projection_section(args, on_gpu: bool, costs: Costs, probes: dict, emit, hooks) -> None:
     """Section (g) of ``imagenet_scale.py``: the analysis and the pipeline per target.
 
@@ -200,21 +241,25 @@ def projection_section(args, on_gpu: bool, costs: Costs, probes: dict, emit, hoo
     """
     loading, scaling = hooks
     loader = max(loading["images_per_s"].values()) if loading else None
-    work = Workload(samples=args.samples, trace_probes=probes["cap"], qat_stages=args.qat_stages)
+    chunk = args.probe_chunk
+    work = Workload(samples=args.samples, trace_probes=probes["cap"], qat_stages=args.qat_stages,
+                    probe_chunk=chunk)  # fmt: skip
     to_5 = dataclasses.replace(work, trace_probes=probes["median"])
+    variants = trace_variants(work, probes["median"], chunk)
+    best = next(k for k in variants if k.startswith("**"))
     emit(
         f"\n## (g) projected wall time: the analysis ({args.samples:,} samples, "
         f"{len(costs.hvp)} blocks: eigenvalues + traces) and the pipeline (1 epoch per stage "
         f"on {work.train_images:,} images)\n"
     )
-    rows, parts, one_gpu = [], [], None
+    emit(f"Shipped trace settings: plain Hutchinson, at most {work.trace_probes} probes, "
+         f"{chunk} per graph build (hessian.trace_probe_chunk).\n")  # fmt: skip
+    rows, parts, one_gpu, variant_rows = [], [], None, []
     for t in targets_for(args, on_gpu, costs):
         t = dataclasses.replace(
             t, efficiency=efficiency_at(scaling, t.devices), loader_images_per_s=loader
         )
         a = analysis_seconds(costs, t, work)
-        if "H200" in t.name:
-            one_gpu = a["total"]
         pipe = pipeline_seconds(costs, t, work, a["total"])
         parts = [k for k in pipe if not k.startswith("hessian")]
         rows.append(
@@ -223,6 +268,10 @@ def projection_section(args, on_gpu: bool, costs: Costs, probes: dict, emit, hoo
              f"**{hms(a['total'])}**", hms(analysis_seconds(costs, t, to_5)["total"])]
             + [hms(pipe[k]) for k in parts]
         )  # fmt: skip
+        totals = {k: analysis_seconds(costs, t, w)["total"] for k, w in variants.items()}
+        if "H200" in t.name:
+            one_gpu = totals[best]
+        variant_rows.append([t.name] + [hms(v) for v in totals.values()])
     emit.table(
         ["where", "gradient images/s", "graphs cached", "eigenvalues",
          f"traces ({work.trace_probes} probes)", "builds + all-reduce",
@@ -231,10 +280,22 @@ def projection_section(args, on_gpu: bool, costs: Costs, probes: dict, emit, hoo
          *parts[:-1], f"full pipeline ({work.trace_probes} probes)"],
         rows,
     )  # fmt: skip
+    ratio = DEFLATED_HVP_RATIO
+    emit(
+        "\nThe analysis (eigenvalues + traces) by trace estimator and probes per graph build. "
+        f"Deflated probe counts: the plain ones / {ratio['trace phase']} (trace phase) or / "
+        f"{ratio['median block']} (median block), the joint-HVP ratios to the same stderr "
+        "measured on the pretrained ResNet-20 (docs/benchmarks/hessian_bench.md (e): 8 batches "
+        "of 128, 100 shared probes; not measured on ResNet-50). Chunks: probe counts rounded "
+        "up to whole chunks.\n"
+    )
+    emit.table(["where", *variants], variant_rows)
     if one_gpu is not None:
         met = "met" if one_gpu <= 15 * 60 else "NOT met"
         emit(f"\n**Goal: the analysis in <= 15 min on one H200-class GPU: {hms(one_gpu)} "
-             f"({'measured' if on_gpu else 'projected'}), {met}.**")  # fmt: skip
+             f"({'measured' if on_gpu else 'projected'}; {best.strip('*')}: "
+             f"hessian.trace_method: deflated, trace_max_probes: "
+             f"{variants[best].trace_probes}), {met}.**")  # fmt: skip
     gpu_note = (
         ""
         if on_gpu

@@ -81,6 +81,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--probes", type=int, default=8)
     p.add_argument("--trace-tol", type=float, default=0.05)
     p.add_argument("--trace-max-probes", type=int, default=200)
+    p.add_argument("--probe-chunk", type=int, default=8, help="(g): probes per graph build")
     p.add_argument("--memory-batches", default="8,16,32", help="'' skips (d)")
     p.add_argument("--train-reps", type=int, default=3)
     p.add_argument("--samples", type=int, default=4096)

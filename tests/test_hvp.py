@@ -95,6 +95,71 @@ def test_recompute_and_partial_cache_equal_full_cache(make_problem):
                 assert op.cached_batches == n_cached
 
 
+@pytest.mark.parametrize("cached", [0, 2, 3])
+def test_hvp_joint_many_equals_single_products_and_dense(make_problem, dense_block_hessian, cached):
+    """K vectors through one graph per batch == K ``hvp_joint`` calls == the dense product; an
+    uncached batch's graph is built once per call, whatever K."""
+    prob = make_problem("mlp")  # batches of 6, 3, 9 samples
+    blocks = partition_blocks(prob.model)
+    names = [p for b in blocks for p in b.param_names]
+    H = dense_block_hessian(prob.model, prob.loss_fn, prob.batches, names)
+    gen = torch.Generator().manual_seed(5)
+    vss = [
+        {b.name: torch.randn(b.n_params, generator=gen, dtype=torch.float64) for b in blocks}
+        for _ in range(3)
+    ]
+    with HessianOperator(prob.model, prob.loss_fn, prob.batches, blocks) as op:
+        per_sample = op.measure_graph_bytes() / prob.batches[0][0].shape[0]
+    budget = {0: 0, 2: int(per_sample * 9.5), 3: None}[cached]
+    with HessianOperator(
+        prob.model, prob.loss_fn, prob.batches, blocks, memory_budget_bytes=budget
+    ) as op:
+        builds = []
+        gradients = op._gradients
+        op._gradients = lambda j, *a, **k: builds.append(j) or gradients(j, *a, **k)
+        many = op.hvp_joint_many(vss)
+        assert op.cached_batches == cached and op.hvp_count == 3
+        # the cache is filled on the first call (every batch it keeps), then each uncached
+        # batch is rebuilt once for the 3 vectors
+        assert sorted(builds) == sorted([*range(cached), *range(cached, 3)])
+        builds.clear()
+        again = op.hvp_joint_many(vss)
+        assert sorted(builds) == list(range(cached, 3))
+        singles = [op.hvp_joint(vs) for vs in vss]
+        assert op.hvp_count == 9
+    for vs, got, got2, single in zip(vss, many, again, singles, strict=True):
+        assert list(got) == [b.name for b in blocks]
+        want = H @ torch.cat(list(vs.values()))
+        assert _close(torch.cat(list(got.values())), want, 1e-10)
+        for b in blocks:  # bitwise: the chunking changes no floating-point operation
+            assert torch.equal(got[b.name], single[b.name])
+            assert torch.equal(got2[b.name], single[b.name])
+
+
+def test_hvp_joint_many_on_a_subset_and_bad_input(make_problem):
+    prob = make_problem("mlp")
+    blocks = partition_blocks(prob.model)
+    gen = torch.Generator().manual_seed(6)
+    sub = [blocks[0], blocks[-1]]
+    vss = [
+        {b.name: torch.randn(b.n_params, generator=gen, dtype=torch.float64) for b in sub}
+        for _ in range(2)
+    ]
+    sub = [b.name for b in sub]
+    with HessianOperator(prob.model, prob.loss_fn, prob.batches, blocks) as op:
+        many = op.hvp_joint_many(vss)
+        for vs, got in zip(vss, many, strict=True):
+            single = op.hvp_joint(vs)
+            assert list(got) == sub
+            assert all(torch.equal(got[n], single[n]) for n in sub)
+        with pytest.raises(ValueError, match="at least one vector"):
+            op.hvp_joint_many([])
+        with pytest.raises(ValueError, match="vector 1 names blocks"):
+            op.hvp_joint_many([vss[0], {sub[0]: vss[1][sub[0]]}])
+        with pytest.raises(ValueError, match="must have shape"):
+            op.hvp_joint_many([vss[0], {**vss[1], sub[0]: torch.zeros(3)}])
+
+
 def test_model_state_untouched(make_problem):
     prob = make_problem("cnn_bn")
     model = prob.model
@@ -257,15 +322,20 @@ def test_sharded_hvps_with_allreduce_equal_single_process(make_problem, in_place
         ref_block = op.hvp(blocks[1].name, vs[blocks[1].name])
         ref_joint = op.hvp_joint(vs)
 
+        ref_many = [ref_joint, op.hvp_joint({b: -2 * v for b, v in vs.items()})]
+
     def fn(op):
-        return op.n_samples, op.hvp(blocks[1].name, vs[blocks[1].name]), op.hvp_joint(vs)
+        many = op.hvp_joint_many([vs, {b: -2 * v for b, v in vs.items()}])
+        return op.n_samples, op.hvp(blocks[1].name, vs[blocks[1].name]), op.hvp_joint(vs), many
 
     shards = [prob.batches[:1], prob.batches[1:]]
-    for n, block, joint in _run_shards(prob, shards, fn, in_place):
+    for n, block, joint, many in _run_shards(prob, shards, fn, in_place):
         assert n == 13
         assert _close(block, ref_block, 1e-12)
         for b in blocks:
             assert _close(joint[b.name], ref_joint[b.name], 1e-12)
+            for got, want in zip(many, ref_many, strict=True):  # one all-reduce, K results
+                assert _close(got[b.name], want[b.name], 1e-12)
 
 
 def test_failure_on_one_shard_raises_on_every_shard(make_problem):
@@ -276,6 +346,10 @@ def test_failure_on_one_shard_raises_on_every_shard(make_problem):
     out = _run_shards(
         prob, shards, lambda op: op.hvp("0", torch.ones(42, dtype=torch.float64)), True
     )
+    assert isinstance(out[0], HessianError) and "another data shard" in str(out[0])
+    assert isinstance(out[1], HessianError) and "batch 1" in str(out[1])
+    ones = {"0": torch.ones(42, dtype=torch.float64)}
+    out = _run_shards(prob, shards, lambda op: op.hvp_joint_many([ones, ones, ones]), False)
     assert isinstance(out[0], HessianError) and "another data shard" in str(out[0])
     assert isinstance(out[1], HessianError) and "batch 1" in str(out[1])
 

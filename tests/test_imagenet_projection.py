@@ -113,3 +113,32 @@ def test_section_f_figures_survive_json_and_feed_the_projection():
     assert [r[4] for r in rows] == ["model", "model", "model"]
     assert [r[5] for r in rows] == ["loader", "loader", "model"]  # 30, 20 < 33 <= 36 images/s
     assert from_json(None) is None
+
+
+def test_probe_chunks_rebuild_each_uncached_graph_once_per_chunk():
+    c = _costs()
+    # 4 of the 8 samples cached (as above); joint HVP 2 gradients, its rebuild 1 gradient more
+    t = proj.Target(name="x", devices=1, grad_images_per_s=2.0, graph_memory_bytes=45 * MB)
+    seconds = {
+        k: proj.analysis_seconds(c, t, proj.Workload(samples=8, trace_probes=4, probe_chunk=k))
+        for k in (1, 2, 4, 3)
+    }
+    # every probe: 8 samples x 2 gradients; per chunk: 4 rebuilt samples x 1 gradient; / 2 img/s
+    assert seconds[1]["trace"] == pytest.approx((4 * 8 * 2 + 4 * 4 * 1) / 2)  # the K=1 model
+    assert seconds[1]["trace"] == pytest.approx(4 * (4 * 1.0 + 4 * 1.5))
+    assert seconds[2]["trace"] == pytest.approx((4 * 8 * 2 + 2 * 4 * 1) / 2)
+    assert seconds[4]["trace"] == pytest.approx((4 * 8 * 2 + 1 * 4 * 1) / 2)
+    # 4 probes in chunks of 3: 2 chunks, 6 probes computed
+    assert seconds[3]["trace"] == pytest.approx((6 * 8 * 2 + 2 * 4 * 1) / 2)
+    two = proj.Target(name="2", devices=2, grad_images_per_s=2.0, graph_memory_bytes=10**12,
+                      allreduce_bytes_per_s=1e3, allreduce_latency_s=0.5)  # fmt: skip
+    a = proj.analysis_seconds(c, two, proj.Workload(samples=8, trace_probes=4, probe_chunk=2))
+    # 16 Lanczos all-reduces + 1 per chunk; the bytes of all 4 probes
+    assert a["comm"] == pytest.approx(18 * 0.5 + (1000 + 300 + 4 * 150) * 4 / 1e3)
+
+
+def test_trace_variants_divide_the_probes_by_the_measured_deflation_ratio():
+    work = proj.Workload(trace_probes=200)
+    variants = proj.trace_variants(work, median_probes=7770, chunk=8)
+    counts = [(w.trace_probes, w.probe_chunk) for w in variants.values()]
+    assert counts == [(200, 1), (200, 8), (38, 8), (7770, 1), (1467, 8)]  # 200/5.4, 7770/5.3

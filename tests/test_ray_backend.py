@@ -187,7 +187,21 @@ class TestLocalCluster:
         assert stats["recoveries"] == 0 and stats["blocks_computed"] == len(truth)
         assert stats["eigen_hvps"] == sum(r["hvps"] for r in truth)
         assert stats["probes_used"] == max(r["trace_probes"] for r in truth)
-        assert stats["probes_used"] <= stats["probes_computed"] < stats["probes_used"] + grid[1]
+        ahead = grid[1] * JOB.config.trace_probe_chunk  # each group computes a chunk ahead
+        assert stats["probes_used"] <= stats["probes_computed"] < stats["probes_used"] + ahead
+
+    def test_chunked_probes_on_two_shards_equal_local_probes_one_at_a_time(self, backends):
+        job = make_job(dataclasses.replace(CONFIG, trace_probe_chunk=3, memory_budget_mb=0))
+        truth = reference(make_job(dataclasses.replace(CONFIG, trace_probe_chunk=1)))
+        backend = backends(2, 1)
+        table = backend.run(job, progress=False)
+        counters = ray.get([a.counters.remote() for a in backend.actors[0]])
+        assert_same_rows(table.to_pylist(), truth)
+        computed = backend.stats["probes_computed"]
+        assert computed % 3 == 0 and computed >= backend.stats["probes_used"]
+        # each shard applied every HVP (its all-reduce carries K products), no graph cached
+        assert [c["hvps"] for c in counters] == [backend.stats["eigen_hvps"] + computed] * 2
+        assert [c["cached_batches"] for c in counters] == [0, 0]
 
     def test_unset_data_shards_is_the_fewest_whose_caches_hold_every_batch(self, backends, truth):
         mem = estimate_graph_memory(JOB.instantiate(), JOB.loss_fn, JOB.batches[0], JOB.blocks)
@@ -224,7 +238,7 @@ class TestLocalCluster:
             if info["kind"] == "eigen" and "eigen" not in killed:
                 killed.append("eigen")  # mid-block: its call is already queued or running
                 ray.kill(backend.actors[g][1], no_restart=False)
-            elif info["kind"] == "probe" and info["key"] == 3 and "probe" not in killed:
+            elif info["kind"] == "probe" and 3 in info["key"] and "probe" not in killed:
                 killed.append("probe")  # rank 0 also hosts the group's TCP store
                 ray.kill(backend.actors[g][0], no_restart=False)
 

@@ -1,7 +1,10 @@
+import dataclasses
+
 import pytest
 import torch
 
 from hawq.hessian.operator import HessianOperator
+from hawq.hessian.table import HessianConfig, analyze, trace_rows
 from hawq.hessian.trace import hutchinson, rademacher_probe
 
 
@@ -113,3 +116,46 @@ def test_validation():
         hutchinson(ok, ["a", "b"])
     with pytest.raises(FloatingPointError, match="probe 0"):
         hutchinson(lambda p: {"a": float("nan")}, ["a"])
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "deflated"])
+def test_traces_do_not_depend_on_the_probe_chunk(make_problem, method):
+    """Every uncached batch rebuilt per chunk (budget 0): the same table for K = 1, 3, 8."""
+    prob = make_problem("cnn_bn")
+    tables = {}
+    for chunk in (1, 3, 8):
+        config = HessianConfig(trace_method=method, trace_tol=0.2, trace_max_probes=30, seed=3,
+                               trace_probe_chunk=chunk, memory_budget_mb=0)  # fmt: skip
+        table = analyze(prob.model, prob.loss_fn, prob.batches, config, progress=False)
+        tables[chunk] = table.drop(["seconds"]).to_pylist()
+    # a block froze inside a chunk of 3 and of 8, while others went on to the last probe
+    assert any(r["trace_probes"] % 3 and r["trace_probes"] % 8 for r in tables[1])
+    assert any(r["trace_probes"] == 30 for r in tables[1])
+    assert tables[3] == tables[1] and tables[8] == tables[1]  # bitwise
+
+
+def test_chunks_build_each_uncached_graph_once_and_resume_skips_done_probes(make_problem):
+    prob = make_problem("mlp")  # 3 batches, none cached below
+    config = HessianConfig(trace_tol=1e-9, trace_min_probes=5, trace_max_probes=10,
+                           trace_probe_chunk=4, memory_budget_mb=0)  # fmt: skip
+
+    def run(done=None):
+        saved: dict[int, dict] = {}
+        with HessianOperator(prob.model, prob.loss_fn, prob.batches, memory_budget_bytes=0) as op:
+            builds = []
+            gradients = op._gradients
+            op._gradients = lambda j, *a, **k: builds.append(j) or gradients(j, *a, **k)
+            rows = trace_rows(op, config, probes=done, on_probe=saved.__setitem__)
+        return rows, saved, op.hvp_count, len(builds)
+
+    rows, saved, hvps, builds = run()
+    assert sorted(saved) == list(range(10)) and hvps == 10
+    assert builds == 3 * 3  # chunks 0-3, 4-7, 8-9: each of the 3 batches built once per chunk
+    ones = dataclasses.replace(config, trace_probe_chunk=1)
+    with HessianOperator(prob.model, prob.loss_fn, prob.batches) as op:
+        assert trace_rows(op, ones) == rows
+    done = {p: saved[p] for p in (1, 5)}
+    resumed, fresh, hvps, builds = run(done)
+    assert resumed == rows
+    assert sorted(fresh) == [0, 2, 3, 4, 6, 7, 8, 9] and hvps == 8 and builds == 2 * 3
+    assert all(fresh[p] == saved[p] for p in fresh)

@@ -30,7 +30,13 @@ from hawq.hessian.table import (
     trace_columns,
     trace_rows,
 )
-from hawq.hessian.trace import TraceResult, hutchinson, probe_sample, rademacher_probe
+from hawq.hessian.trace import (
+    TraceResult,
+    hutchinson,
+    probe_sample,
+    probe_samples,
+    rademacher_probe,
+)
 
 __all__ = [
     "EIGEN_COLUMNS",
@@ -55,6 +61,7 @@ __all__ = [
     "lanczos",
     "power_iteration",
     "probe_sample",
+    "probe_samples",
     "rademacher_probe",
     "resumed_row",
     "sensitivity_table",

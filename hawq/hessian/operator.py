@@ -6,7 +6,8 @@ samples, whatever the batch sizes). A block product is double backprop (Pearlmut
 ``H_bb v = d/dW_b <g_b, v>`` with ``g_j = dL_j/dW`` built once with ``create_graph=True``.
 ``hvp_joint`` differentiates ``sum_b <g_b, v_b>`` in one backward per batch and returns
 ``(H v)`` restricted to the union of the given blocks (``v`` zero elsewhere), which is what a
-Hutchinson probe over every block needs.
+Hutchinson probe over every block needs; ``hvp_joint_many`` does so for ``K`` vectors, each
+batch's graph built (or taken from the cache) once for all ``K``.
 
 Parameters are never touched: the model runs through ``torch.func.functional_call`` with
 detached leaves for the requested blocks' weights (sharing storage with the parameters) and
@@ -24,17 +25,19 @@ through the layers after ``b``), so the build is paid once per batch for the who
 instead of once per HVP (PyHessian's dataloader mode) or once per block. Graphs are kept for
 a prefix of the batches while their estimated size fits ``memory_budget_bytes`` (the first
 batch's saved tensors, measured with ``saved_tensors_hooks``, scaled by batch size); the
-other batches are rebuilt on every HVP (forward + create-graph backward w.r.t. the requested
-blocks only + the HVP backward: about 3-4x the cost of a cached HVP, but no memory kept).
-``None`` keeps every graph, ``0`` none.
+other batches are rebuilt on every operator call (forward + create-graph backward w.r.t. the
+requested blocks only + the HVP backward: about 3-4x the cost of a cached HVP, but no memory
+kept), i.e. once per Lanczos step, and once per chunk of ``K`` Hutchinson probes
+(``hvp_joint_many``: one build + ``K`` HVP backwards). ``None`` keeps every graph, ``0`` none.
 
 Precision: graphs and HVPs run under :func:`hawq.precision.exact_float32` (no autocast, no
 TF32), in the model's own dtype (float32 or float64), even inside a caller's autocast region.
 
 Data parallelism: ``allreduce(t)`` sums a flat tensor across data shards (in place, or by
-returning the sum); every HVP does one local weighted sum ``sum_j n_j H_j v`` -> allreduce ->
-divide by the global ``N``. An error flag travels in the same tensor, so a failure on one
-shard (non-finite loss, missing double backward) raises on every shard instead of hanging.
+returning the sum); every operator call does one local weighted sum ``sum_j n_j H_j v_k`` per
+vector -> one allreduce of the ``K`` results -> divide by the global ``N``. An error flag
+travels in the same tensor, so a failure on one shard (non-finite loss, missing double
+backward) raises on every shard instead of hanging.
 """
 
 from __future__ import annotations
@@ -84,10 +87,11 @@ class HessianError(RuntimeError):
 class HessianOperator:
     """``H = (1/N) sum_j n_j H_j`` over ``batches``, restricted to ``blocks``.
 
-    A context manager; ``hvp_count`` counts operator applications (``hvp``/``hvp_joint``
-    calls). Do not modify the parameters while it is open (cached graphs would go stale;
-    autograd then raises an in-place modification error). Not thread-safe: concurrent
-    operators need their own model copies (``functional_call`` swaps module tensors).
+    A context manager; ``hvp_count`` counts operator applications (vectors of ``hvp``,
+    ``hvp_joint`` and ``hvp_joint_many`` calls). Do not modify the parameters while it is open
+    (cached graphs would go stale; autograd then raises an in-place modification error). Not
+    thread-safe: concurrent operators need their own model copies (``functional_call`` swaps
+    module tensors).
     """
 
     def __init__(
@@ -199,38 +203,60 @@ class HessianOperator:
 
     def hvp_joint(self, vs: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """``(H v)_b`` for each given block ``b``, with ``v`` zero outside the given blocks."""
+        return self.hvp_joint_many([vs])[0]
+
+    def hvp_joint_many(self, vss: Sequence[Mapping[str, Tensor]]) -> list[dict[str, Tensor]]:
+        """``hvp_joint`` of each of ``K = len(vss)`` vectors (all over the same blocks).
+
+        Per batch the first-order graph is built once (or taken from the cache) and the ``K``
+        vectors are backpropagated through it one after the other, and one all-reduce carries
+        all ``K`` results: an uncached batch costs one build + ``K`` HVP backwards instead of
+        ``K`` builds. Counts ``K`` in ``hvp_count``.
+        """
         if not self._open:
             raise RuntimeError("HessianOperator is closed")
-        if not vs:
+        if not vss:
+            raise ValueError("hvp_joint_many needs at least one vector")
+        if not vss[0]:
             raise ValueError("hvp_joint needs at least one block")
-        names = [b.name for b in self.blocks if b.name in vs]
-        unknown = sorted(set(vs) - set(names))
+        names = [b.name for b in self.blocks if b.name in vss[0]]
+        unknown = sorted(set(vss[0]) - set(names))
         if unknown:
             raise ValueError(f"unknown blocks {unknown}; known: {list(self._by_name)}")
-        flat = []
+        flats = []
+        for k, vs in enumerate(vss):
+            if set(vs) != set(names):
+                raise ValueError(f"vector {k} names blocks {sorted(vs)}, vector 0 {sorted(names)}")
+            flats.append([self._checked_vector(name, vs[name]) for name in names])
+        self.hvp_count += len(vss)
+        out = self._apply(names, flats)
+        sizes = [self._dims[n] for n in names]
+        results = [dict(zip(names, o.split(sizes), strict=True)) for o in out]
         for name in names:
-            v = vs[name]
-            if not isinstance(v, Tensor) or v.shape != (self._dims[name],):
-                got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
-                raise ValueError(
-                    f"vector for block {name!r} must have shape ({self._dims[name]},), got {got}"
-                )
-            flat.append(v.detach().to(dtype=self.dtype, device=self.device))
-        self.hvp_count += 1
-        out = self._apply(names, flat)
-        result = dict(zip(names, out.split([self._dims[n] for n in names]), strict=True))
-        for name, v in zip(names, flat, strict=True):
-            if name not in self._checked:
-                self._checked.add(name)
-                if not bool(result[name].any()) and bool(v.any()):
-                    self._check_zero(name)
-        return result
+            if name in self._checked:
+                continue
+            self._checked.add(name)
+            for result, flat in zip(results, flats, strict=True):
+                v = flat[names.index(name)]
+                if bool(v.any()):
+                    if not bool(result[name].any()):
+                        self._check_zero(name)
+                    break
+        return results
 
     # ------------------------------------------------------------------ internals
     def _block(self, name: str) -> Block:
         if name not in self._by_name:
             raise ValueError(f"unknown block {name!r}; known: {list(self._by_name)}")
         return self._by_name[name]
+
+    def _checked_vector(self, name: str, v: object) -> Tensor:
+        if not isinstance(v, Tensor) or v.shape != (self._dims[name],):
+            got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+            raise ValueError(
+                f"vector for block {name!r} must have shape ({self._dims[name]},), got {got}"
+            )
+        return v.detach().to(dtype=self.dtype, device=self.device)
 
     def _reduce(self, t: Tensor) -> Tensor:
         if self._allreduce is None:
@@ -290,60 +316,65 @@ class HessianOperator:
             len(self._graphs), len(self._batches), self.graph_bytes / 2**20,
         )  # fmt: skip
 
-    def _local(self, names: Sequence[str], flat: Sequence[Tensor], batches: Iterable[int]):
-        """``sum_j n_j (H_j v)`` over the given local batches, as one flat tensor (+1 slot)."""
+    def _local(
+        self, names: Sequence[str], flats: Sequence[Sequence[Tensor]], batches: Iterable[int]
+    ) -> Tensor:
+        """``sum_j n_j (H_j v_k)`` over the given local batches for each of the ``K`` vectors
+        ``flats[k]`` (per block, in ``names`` order): one flat tensor, ``K`` blocks + 1 slot."""
         if self._graphs is None:
             self._build_graphs()
         pnames = [n for name in names for n in self._block_params[name]]
-        vparts = []
-        for name, v in zip(names, flat, strict=True):
-            sizes = [self._shapes[n].numel() for n in self._block_params[name]]
-            vparts += [
-                p.view(self._shapes[n])
-                for p, n in zip(v.split(sizes), self._block_params[name], strict=True)
-            ]
-        acc = torch.zeros(sum(p.numel() for p in vparts) + 1, dtype=self.dtype, device=self.device)
-        views = [
-            a.view(p.shape)
-            for a, p in zip(acc[:-1].split([p.numel() for p in vparts]), vparts, strict=True)
-        ]
+        psizes = [self._shapes[n].numel() for n in pnames]
+        width = sum(psizes)
+        acc = torch.zeros(len(flats) * width + 1, dtype=self.dtype, device=self.device)
+        vparts, views = [], []
+        block_sizes = [[self._shapes[n].numel() for n in self._block_params[b]] for b in names]
+        for k, flat in enumerate(flats):
+            parts = [p for v, ss in zip(flat, block_sizes, strict=True) for p in v.split(ss)]
+            vparts.append([p.view(self._shapes[n]) for p, n in zip(parts, pnames, strict=True)])
+            chunk = acc[k * width : (k + 1) * width].split(psizes)
+            views.append([c.view(self._shapes[n]) for c, n in zip(chunk, pnames, strict=True)])
         leaves = [self._leaves[n] for n in pnames]
         for j in batches:
             cached = j in self._graphs
             grads = self._graphs[j] if cached else self._gradients(j, pnames)
-            outs, gouts = [], []
-            for n, v in zip(pnames, vparts, strict=True):
-                g = grads[n]
-                if g is not None and g.requires_grad:
-                    outs.append(g)
-                    gouts.append(v)
-            if not outs:
+            used = [
+                i for i, n in enumerate(pnames) if grads[n] is not None and grads[n].requires_grad
+            ]
+            if not used:
                 continue
-            self._lean.wanted = {id(t) for t in leaves}
-            try:
-                with torch.enable_grad(), exact_float32(self.device):
-                    hv = torch.autograd.grad(
-                        outs, leaves, grad_outputs=gouts, retain_graph=cached, allow_unused=True
-                    )
-            except RuntimeError as exc:
-                raise (self._diagnose(j) or exc) from exc
+            outs = [grads[pnames[i]] for i in used]
             n_j = float(self._batches[j][0].shape[0])
-            for view, h in zip(views, hv, strict=True):
-                if h is not None:
-                    view.add_(h, alpha=n_j)
+            for k in range(len(flats)):
+                self._lean.wanted = {id(t) for t in leaves}
+                try:
+                    with torch.enable_grad(), exact_float32(self.device):
+                        hv = torch.autograd.grad(
+                            outs,
+                            leaves,
+                            grad_outputs=[vparts[k][i] for i in used],
+                            retain_graph=cached or k < len(flats) - 1,
+                            allow_unused=True,
+                        )
+                except RuntimeError as exc:
+                    raise (self._diagnose(j) or exc) from exc
+                for view, h in zip(views[k], hv, strict=True):
+                    if h is not None:
+                        view.add_(h, alpha=n_j)
         return acc
 
-    def _apply(self, names: Sequence[str], flat: Sequence[Tensor]) -> Tensor:
+    def _apply(self, names: Sequence[str], flats: Sequence[Sequence[Tensor]]) -> list[Tensor]:
+        """The ``K`` products ``H v_k`` (flat, ``names`` order) after one all-reduce of all of
+        them plus an error flag (raised on every shard if any shard failed)."""
         error: Exception | None = None
         local_bad = False
+        width = sum(self._dims[n] for n in names)
         try:
-            acc = self._local(names, flat, range(len(self._batches)))
+            acc = self._local(names, flats, range(len(self._batches)))
             local_bad = not bool(torch.isfinite(acc).all())
         except (HessianError, RuntimeError) as exc:
             error = exc
-            acc = torch.zeros(
-                sum(f.numel() for f in flat) + 1, dtype=self.dtype, device=self.device
-            )
+            acc = torch.zeros(len(flats) * width + 1, dtype=self.dtype, device=self.device)
         acc[-1] = 1.0 if (error is not None or local_bad) else 0.0
         acc = self._reduce(acc)
         if bool(acc[-1] != 0):
@@ -351,13 +382,16 @@ class HessianOperator:
                 raise error
             if local_bad:
                 for j in range(len(self._batches)):
-                    if not bool(torch.isfinite(self._local(names, flat, [j])).all()):
+                    if not bool(torch.isfinite(self._local(names, flats, [j])).all()):
                         raise HessianError(
                             f"non-finite Hessian-vector product on batch {j} (blocks {list(names)})"
                         )
                 raise HessianError(f"non-finite Hessian-vector product (blocks {list(names)})")
             raise HessianError("Hessian-vector product failed on another data shard")
-        return acc[:-1].div_(self.n_samples)
+        out = acc[:-1].div_(self.n_samples).split(width)
+        # fresh (aligned) storage for k > 0: reductions over a result (dot products) then sum
+        # in the same order as for a single vector, so results do not depend on the chunking
+        return [o if k == 0 else o.clone() for k, o in enumerate(out)]
 
     def _diagnose(self, j: int) -> HessianError | None:
         """An error naming the modules without double backward, or None if none fails."""

@@ -33,7 +33,7 @@ from hawq.blocks import Block, partition_blocks
 from hawq.hessian.eigen import METHODS, EigenResult, top_k
 from hawq.hessian.memory import check_memory_budget, estimate_graph_memory
 from hawq.hessian.operator import Batch, HessianOperator, LossFn
-from hawq.hessian.trace import hutchinson, probe_sample
+from hawq.hessian.trace import hutchinson, probe_samples
 from hawq.hessian.trace_deflated import TRACE_METHODS, Deflation
 from hawq.optional import progress_bar
 from hawq.seeding import derive_seed
@@ -85,6 +85,10 @@ class HessianConfig:
     trace_tol: float = 0.05
     trace_max_probes: int = 200
     trace_min_probes: int = 10
+    trace_probe_chunk: int = 8
+    """Probes per batch of joint HVPs: each uncached batch's first-order graph is built once
+    per chunk instead of once per probe. Results do not depend on it; a chunk may compute up
+    to ``trace_probe_chunk - 1`` probes past the stopping point (wasted HVPs)."""
     seed: int = 0
     memory_budget_mb: float | None = 4096.0
     """Cap on cached first-order graphs; ``None`` caches every batch, ``0`` none (each HVP
@@ -105,6 +109,7 @@ class HessianConfig:
         check_number("trace_tol", self.trace_tol, low=0, low_open=True)
         check_int("trace_min_probes", self.trace_min_probes, low=2)
         check_int("trace_max_probes", self.trace_max_probes, low=self.trace_min_probes)
+        check_int("trace_probe_chunk", self.trace_probe_chunk, low=1)
         check_seed("seed", self.seed)
         if self.memory_budget_mb is not None:
             check_number("memory_budget_mb", self.memory_budget_mb, low=0)
@@ -195,22 +200,32 @@ ProbeCallback = Callable[[int, dict[str, float]], None]
 
 
 def resumable_samples(
-    sample_fn: Callable[[int], Mapping[str, float]],
+    samples_fn: Callable[[Sequence[int]], Sequence[Mapping[str, float]]],
     done: Mapping[int, Mapping[str, float]] | None = None,
     on_sample: ProbeCallback | None = None,
+    *,
+    chunk: int = 1,
+    limit: int,
 ) -> Callable[[int], Mapping[str, float]]:
-    """``sample_fn`` that returns probe ``p``'s samples from ``done`` when there (an earlier,
-    interrupted run), else computes them and passes them to ``on_sample(p, samples)`` (to
-    persist them). Same samples in the same order: the same traces, bit for bit."""
+    """``sample_fn(p)`` for ``hutchinson``: probe ``p``'s samples from ``done`` when there (an
+    earlier, interrupted run), else from one ``samples_fn(ps)`` call over ``p`` and the next
+    probes below ``limit`` not in ``done``, ``chunk`` in all; each computed probe goes to
+    ``on_sample(q, samples)`` (to persist it). Same samples in the same order whatever
+    ``chunk`` and ``done``: the same traces, bit for bit."""
+    check_int("chunk", chunk, low=1)
     done = dict(done or {})
+    fresh: dict[int, Mapping[str, float]] = {}
 
     def sample(p: int) -> Mapping[str, float]:
         if p in done:
             return done[p]
-        out = sample_fn(p)
-        if on_sample is not None:
-            on_sample(p, dict(out))
-        return out
+        if p not in fresh:
+            ps = [q for q in range(p, max(limit, p + 1)) if q not in done][:chunk]
+            for q, out in zip(ps, samples_fn(ps), strict=True):
+                fresh[q] = out
+                if on_sample is not None:
+                    on_sample(q, dict(out))
+        return fresh.pop(p)
 
     return sample
 
@@ -224,7 +239,8 @@ def trace_rows(
     probes: Mapping[int, Mapping[str, float]] | None = None,
     on_probe: ProbeCallback | None = None,
 ) -> dict[str, dict]:
-    """The trace columns of every block, from one joint HVP per Rademacher probe.
+    """The trace columns of every block, from one joint HVP per Rademacher probe, computed
+    ``config.trace_probe_chunk`` probes at a time (each batch's graph built once per chunk).
 
     With ``deflation`` each probe is projected off the blocks' bases first (see
     ``hawq.hessian.trace_deflated``); without it, plain Hutchinson. probes: per-probe samples
@@ -235,13 +251,16 @@ def trace_rows(
         total=config.trace_max_probes, desc="hutchinson", unit="probe", disable=not progress
     )
 
-    def sample(p: int) -> dict[str, float]:
-        out = probe_sample(op, dims, config.seed, p, deflation)
-        bar.update(1)
+    def samples(ps: Sequence[int]) -> list[dict[str, float]]:
+        out = probe_samples(op, dims, config.seed, ps, deflation)
+        bar.update(len(ps))
         return out
 
+    sample_fn = resumable_samples(
+        samples, probes, on_probe, chunk=config.trace_probe_chunk, limit=config.trace_max_probes
+    )
     try:
-        return trace_columns(resumable_samples(sample, probes, on_probe), list(dims), config)
+        return trace_columns(sample_fn, list(dims), config)
     finally:
         bar.close()
 

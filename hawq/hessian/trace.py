@@ -5,8 +5,10 @@ Tr(H_bb)``: the cross terms ``v_b^T H_bc v_c`` have mean zero. One joint HVP per
 gives a sample for every block at once. The estimate of block ``b`` after ``n`` probes is the
 sample mean with standard error ``s / sqrt(n)`` (``s`` the sample standard deviation).
 
-``probe_sample`` computes one probe's samples (one joint HVP); ``hutchinson`` aggregates samples
-in probe order, wherever they were computed.
+``probe_samples`` computes a chunk of probes' samples (one joint HVP each, every batch's
+first-order graph built once for the chunk); ``hutchinson`` aggregates samples in probe order,
+wherever and in whatever chunks they were computed. A chunk of ``K`` probes may compute up to
+``K - 1`` probes that the stopping rule then ignores (HVPs spent, results unchanged).
 
 Determinism: probe ``p`` is a pure function of ``(seed, p)`` (generator seeded with
 ``derive_seed(seed, "probe", p)``, drawn on the CPU in block order) and samples are consumed in
@@ -72,11 +74,38 @@ def joint_probe_samples(
     Plain: ``v_b^T (H v)_b``. Deflated (``hawq.hessian.trace_deflated``):
     ``exact_b + w_b^T (H w)_b`` with ``w = P v``, ``P`` projecting off the block's basis.
     """
+    return joint_probe_samples_many(op, [vs], deflation)[0]
+
+
+def joint_probe_samples_many(
+    op: HessianOperator, vss: Sequence[Mapping[str, Tensor]], deflation: Deflation | None = None
+) -> list[dict[str, float]]:
+    """:func:`joint_probe_samples` of each probe of ``vss``, from one
+    :meth:`~hawq.hessian.operator.HessianOperator.hvp_joint_many` (each batch's first-order
+    graph built once for all of them)."""
     if deflation is not None:
-        vs = deflation.project(vs)
-    hv = op.hvp_joint(vs)
+        vss = [deflation.project(vs) for vs in vss]
+    hvs = op.hvp_joint_many(vss)
     exact = deflation.exact if deflation is not None else {}
-    return {b: exact.get(b, 0.0) + float(vs[b].double() @ hv[b].double()) for b in vs}
+    return [
+        {b: exact.get(b, 0.0) + float(vs[b].double() @ hv[b].double()) for b in vs}
+        for vs, hv in zip(vss, hvs, strict=True)
+    ]
+
+
+def probe_samples(
+    op: HessianOperator,
+    dims: Mapping[str, int],
+    seed: int,
+    probes: Sequence[int],
+    deflation: Deflation | None = None,
+) -> list[dict[str, float]]:
+    """Hutchinson probes ``probes``' samples ``{block: v_b^T (H v)_b}``, one dict per probe,
+    from joint HVPs of ``op`` over the blocks of ``dims`` (name -> size, in block order) that
+    share each batch's graph (:func:`joint_probe_samples_many`); see
+    :func:`joint_probe_samples` for ``deflation``."""
+    vss = [rademacher_probe(dims, seed, p, dtype=op.dtype, device=op.device) for p in probes]
+    return joint_probe_samples_many(op, vss, deflation)
 
 
 def probe_sample(
@@ -86,11 +115,14 @@ def probe_sample(
     probe: int,
     deflation: Deflation | None = None,
 ) -> dict[str, float]:
-    """Hutchinson probe ``probe``'s samples ``{block: v_b^T (H v)_b}`` from one joint HVP of
-    ``op`` over the blocks of ``dims`` (name -> size, in block order); see
-    :func:`joint_probe_samples` for ``deflation``."""
-    vs = rademacher_probe(dims, seed, probe, dtype=op.dtype, device=op.device)
-    return joint_probe_samples(op, vs, deflation)
+    """Probe ``probe``'s samples: :func:`probe_samples` of one probe."""
+    return probe_samples(op, dims, seed, [probe], deflation)[0]
+
+
+def probe_chunks(todo: Sequence[int], chunk: int) -> list[list[int]]:
+    """``todo`` (probe indices, in order) cut into consecutive runs of ``chunk``."""
+    check_int("chunk", chunk, low=1)
+    return [list(todo[i : i + chunk]) for i in range(0, len(todo), chunk)]
 
 
 class _Running:

@@ -3,10 +3,10 @@
 With ``D`` data shards, actor ``(g, d)`` holds batches ``d, d + D, ...`` and its
 ``HessianOperator`` keeps the first-order graphs of a prefix of them under its own memory
 budget (``hawq.hessian.operator.batches_to_cache``); the others are rebuilt on every HVP
-(forward + create-graph backward, ~3-4x a cached HVP). The plan applies that same rule to the
-estimated size of one graph (``hawq.hessian.memory``), so it says before any work how
-many batches each actor caches and rebuilds and how much memory it holds. Every block group
-holds the same shards, so one group's rows describe them all.
+(forward + create-graph backward, ~3-4x a cached HVP; once per chunk of Hutchinson probes).
+The plan applies that same rule to the estimated size of one graph (``hawq.hessian.memory``),
+so it says before any work how many batches each actor caches and rebuilds and how much memory
+it holds. Every block group holds the same shards, so one group's rows describe them all.
 
 Default grid (``data_shards`` not set): the smallest ``D`` whose shards cache every batch,
 capped by what the cluster can place (``D x G`` actors of ``cpus_per_actor`` CPUs and
@@ -89,7 +89,8 @@ class CachePlan:
             rebuilt = sum(s.rebuilt for s in self.shards)
             most = max(s.batches for s in self.shards)
             lines.append(
-                f"  {rebuilt} of {total} batches are rebuilt on every HVP (~3-4x a cached HVP): "
+                f"  {rebuilt} of {total} batches are rebuilt on every HVP (~3-4x a cached HVP; "
+                "once per chunk of trace probes): "
                 f"a budget of ~{_mb(self.graph_bytes * most)} per actor, or more data shards "
                 "(CPUs for them), caches them all"
             )

@@ -46,6 +46,8 @@ class HessianSection(Section):
     """Most Hutchinson probes."""
     trace_min_probes: int = 10
     """Fewest Hutchinson probes before the stopping rule applies (>= 2)."""
+    trace_probe_chunk: int = 8
+    """Probes per first-order graph build (traces do not depend on it; <= chunk-1 extra probes)."""
     seed: int = 0
     """Seed of the eigen start vectors and the Rademacher probes."""
     memory_budget_mb: float | None = 4096.0
@@ -59,7 +61,14 @@ class HessianSection(Section):
     """Precision of the Hessian computation."""
 
     def check(self) -> None:
-        for key in ("tol", "max_iter", "top_k", "trace_tol", "trace_max_probes"):
+        for key in (
+            "tol",
+            "max_iter",
+            "top_k",
+            "trace_tol",
+            "trace_max_probes",
+            "trace_probe_chunk",
+        ):
             check_positive(key, getattr(self, key))
         check_seed("seed", self.seed)
         check_positive("memory_budget_mb", self.memory_budget_mb, allow_zero=True)

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from hawq.hessian.operator import HessianError, HessianOperator
 from hawq.hessian.table import EIGEN_RESULT_COLUMNS, block_eigen
-from hawq.hessian.trace import probe_sample
+from hawq.hessian.trace import probe_samples
 from hawq.hessian.trace_deflated import Deflation
 from pipeline.backends.base import Batch, HessianJob
 from pipeline.backends.ray.config import NETWORK_ENV
@@ -206,14 +206,16 @@ class HessianWorker:
             )
         return len(kept)
 
-    def probe(self, gen: int, p: int) -> dict[str, float]:
-        """Hutchinson probe ``p``: every block's sample from one joint HVP over all blocks.
+    def probe(self, gen: int, probes: Sequence[int]) -> list[dict[str, float]]:
+        """Hutchinson probes ``probes``: every block's sample from one joint HVP over all
+        blocks per probe, each batch's graph built once for all of them (one all-reduce).
 
         Plain ``v_b^T (H v)_b``, or deflated after :meth:`set_deflation`.
         """
         with self._guard(gen):
             assert self._op is not None and self._job is not None
-            return probe_sample(self._op, self._dims, self._job.config.seed, p, self._deflation)
+            seed = self._job.config.seed
+            return probe_samples(self._op, self._dims, seed, probes, self._deflation)
 
     def counters(self) -> Mapping[str, int]:
         """HVPs applied and first-order graphs cached by this worker's current operator."""

@@ -9,8 +9,9 @@ sharded operator exactly the single-process one (up to the summation order).
 
 Scheduling. A free group takes the next unfinished block, largest ``n_params`` first (online
 LPT), and computes its eigen row; each block's solver stops on its own. Hutchinson probes go to
-whichever group is free (probes below ``trace_min_probes`` may start while other groups still
-finish blocks); each probe is one joint HVP over all blocks on that group's shards. The driver
+whichever group is free, ``trace_probe_chunk`` at a time (probes below ``trace_min_probes``
+may start while other groups still finish blocks); each probe is one joint HVP over all blocks
+on that group's shards, each shard building a batch's graph once per chunk. The driver
 feeds the per-probe samples in probe order to ``hawq.hessian.table.trace_columns`` (Hutchinson),
 so traces equal the single-process ones; rows and the table come from the same
 ``hawq.hessian.table`` functions as ``analyze``. Only scalars cross to the driver
@@ -51,6 +52,7 @@ import pyarrow as pa
 import ray
 
 from hawq.hessian.table import eigen_row, resumed_row, sensitivity_table, trace_columns
+from hawq.hessian.trace import probe_chunks
 from hawq.optional import progress_bar
 from pipeline.atomic import pause_point
 from pipeline.backends.base import HessianJob, ProbeCallback, Probes, RowCallback
@@ -70,7 +72,7 @@ class _Call:
 
     group: int
     kind: str  # "eigen" | "probe"
-    key: Any  # block name | probe index
+    key: Any  # block name | tuple of probe indices
     refs: list[ray.ObjectRef]
     attempt: int
     values: dict[int, Any] = field(default_factory=dict)
@@ -156,14 +158,17 @@ class RayBackend:
                 continue
             if self._blocks_todo:
                 self._submit(g, "eigen", *self._blocks_todo.popleft())
-            elif self._probes_todo and self._probes_todo[0][0] < self._probe_limit():
+            elif self._probes_todo and self._probes_todo[0][0][0] < self._probe_limit():
                 self._submit(g, "probe", *self._probes_todo.popleft())
 
     def _probe_limit(self) -> int:
         cfg = self._job.config
         if not cfg.trace or (self._deflate and self.grid.deflation is None):
             return 0
-        ahead = max(cfg.trace_min_probes, self._probe_waiting + self.config.block_groups)
+        ahead = max(
+            cfg.trace_min_probes,
+            self._probe_waiting + self.config.block_groups * cfg.trace_probe_chunk,
+        )
         return min(cfg.trace_max_probes, ahead)
 
     def _step(self) -> None:
@@ -215,10 +220,11 @@ class RayBackend:
             raise RuntimeError(f"shards of group {call.group} disagree on {call.kind} {call.key!r}")
         self.stats["bytes_results"] += sum(len(pickle.dumps(v)) for v in call.values.values())
         if call.kind == "probe":
-            self._samples[call.key] = first
-            self.stats["probes_computed"] += 1
-            if self._on_probe is not None:
-                self._on_probe(call.key, dict(first))
+            for p, samples in zip(call.key, first, strict=True):
+                self._samples[p] = samples
+                if self._on_probe is not None:
+                    self._on_probe(p, dict(samples))
+            self.stats["probes_computed"] += len(call.key)
             self._emit("probe", group=call.group, kind="probe", key=call.key)
             return
         if call.basis is not None:
@@ -303,7 +309,9 @@ class RayBackend:
         self._blocks_todo = deque((b.name, 0) for b in todo)
         reused = {int(p): dict(v) for p, v in (probes or {}).items()}
         n_probes = hcfg.trace_max_probes if hcfg.trace else 0
-        self._probes_todo = deque((p, 0) for p in range(n_probes) if p not in reused)
+        missing = [p for p in range(n_probes) if p not in reused]
+        chunks = probe_chunks(missing, hcfg.trace_probe_chunk)
+        self._probes_todo = deque((tuple(c), 0) for c in chunks)
         self._probe_waiting = 0
         self._samples: dict[int, dict[str, float]] = reused
         self._on_probe = on_probe
