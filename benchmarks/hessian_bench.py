@@ -19,7 +19,10 @@ Prints, from one run on real CIFAR-10 training images (``cifar10_subset.npz``):
 (e) traces: HVPs until each block's Hutchinson stderr is <= 5%, plain vs deflated
     (``hawq.hessian.trace_deflated``), from the per-probe variances of both on the same
     ``--trace-probes`` probes, with ``--trace-batches`` batches (section code in
-    ``hessian_trace.py``; ``--only-trace`` runs just this section).
+    ``hessian_trace.py``; ``--only-trace`` runs just this section);
+(g) ``--cores N`` runs only this: (c)'s work with each tool's own parallelism on N cores,
+    PyHessian at 1 and N threads, hawq Lanczos in 1 process and on N Ray actors (data
+    shards), side by side (section code in ``hessian_cores.py``).
 
 The CPU timings are wall-clock on whatever else runs on the machine; compare the ratios
 from one run. ``--skip-pyhessian``, ``--skip-multi``, ``--blocks N`` give quick runs.
@@ -45,6 +48,7 @@ from hawq.hessian.table import HessianConfig, block_eigen_row
 from hawq.models import cifar_resnet, load_cifar_checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
+from hessian_cores import cores_section  # noqa: E402
 from hessian_trace import trace_hvps, trace_report  # noqa: E402
 
 MEAN = (0.485, 0.456, 0.406)
@@ -319,6 +323,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--trace-probes", type=int, default=100, help="shared probes measured in (e)")
     ap.add_argument("--skip-trace", action="store_true", help="skip (e)")
     ap.add_argument("--only-trace", action="store_true", help="run (e) only")
+    ap.add_argument("--cores", type=int, default=0, help="run only (g) on N cores (0: off)")
     ap.add_argument("--out", type=Path, help="also write the tables as markdown here")
     args = ap.parse_args(argv)
 
@@ -341,6 +346,15 @@ def main(argv: list[str] | None = None) -> None:
         report.append(text)
 
     emit("\n".join(report))
+    if args.cores:
+        few = batches[: args.batches]
+        runners = {
+            "hawq": lambda config: HawqRunner(model, few, blocks, config),
+            "pyhessian": lambda: PyHessianRunner(model, few, args.tol, args.seed),
+        }
+        cores_section(model, few, blocks, args, runners, emit, md_table, rel)
+        finish(report, args.out)
+        return
     if not args.skip_trace:
         out = trace_hvps(model, batches[: args.trace_batches], blocks, tol=args.tol,
                          seed=args.seed, probes=args.trace_probes)  # fmt: skip
