@@ -67,6 +67,7 @@ def ray_eigen(model, batches, blocks, config: HessianConfig, cores: int) -> dict
         r["block"]: {"eigenvalue": r["eigenvalue"], "hvps": r["hvps"], "seconds": r["seconds"]}
         for r in table.to_pylist()
     }
+    print(f"  (g) Ray {cores} actors x 1 thread: {seconds:.1f} s", file=sys.stderr, flush=True)
     return {"rows": rows, "seconds": seconds, "stats": stats}
 
 
