@@ -20,7 +20,10 @@ Prints, from one run on real CIFAR-10 training images (``cifar10_subset.npz``):
     (``hawq.hessian.trace_deflated``), from the per-probe variances of both on the same
     ``--trace-probes`` probes, with ``--trace-batches`` batches (section code in
     ``hessian_trace.py``; ``--only-trace`` runs just this section);
-(f) Hutchinson probes in chunks: time per probe with each uncached batch's graph rebuilt per
+(g) ``--cores N`` runs only this: (c)'s work with each tool's own parallelism on N cores,
+    PyHessian at 1 and N threads, hawq Lanczos in 1 process and on N Ray actors (data
+    shards), side by side (section code in ``hessian_cores.py``).
+(h) Hutchinson probes in chunks: time per probe with each uncached batch's graph rebuilt per
     probe (K=1) vs once per chunk of ``--chunk`` probes, ``--chunk-batches`` batches of which
     ``--chunk-cached`` keep their graph (section code in ``hessian_chunk.py``; ``--only-chunk``
     runs just this section).
@@ -50,6 +53,7 @@ from hawq.models import cifar_resnet, load_cifar_checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hessian_chunk import batched_backward, chunk_report, chunk_timing  # noqa: E402
+from hessian_cores import cores_section  # noqa: E402
 from hessian_trace import trace_hvps, trace_report  # noqa: E402
 
 MEAN = (0.485, 0.456, 0.406)
@@ -324,12 +328,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--trace-probes", type=int, default=100, help="shared probes measured in (e)")
     ap.add_argument("--skip-trace", action="store_true", help="skip (e)")
     ap.add_argument("--only-trace", action="store_true", help="run (e) only")
-    ap.add_argument("--chunk", type=int, default=8, help="probes per graph build in (f)")
-    ap.add_argument("--chunk-probes", type=int, default=16, help="probes timed per mode in (f)")
+    ap.add_argument("--chunk", type=int, default=8, help="probes per graph build in (h)")
+    ap.add_argument("--chunk-probes", type=int, default=16, help="probes timed per mode in (h)")
     ap.add_argument("--chunk-batches", type=int, default=8, help="batches for (f)")
-    ap.add_argument("--chunk-cached", type=int, default=0, help="cached graphs in (f)")
-    ap.add_argument("--skip-chunk", action="store_true", help="skip (f)")
-    ap.add_argument("--only-chunk", action="store_true", help="run (f) only")
+    ap.add_argument("--chunk-cached", type=int, default=0, help="cached graphs in (h)")
+    ap.add_argument("--skip-chunk", action="store_true", help="skip (h)")
+    ap.add_argument("--only-chunk", action="store_true", help="run (h) only")
+    ap.add_argument("--cores", type=int, default=0, help="run only (g) on N cores (0: off)")
     ap.add_argument("--out", type=Path, help="also write the tables as markdown here")
     args = ap.parse_args(argv)
 
@@ -353,13 +358,22 @@ def main(argv: list[str] | None = None) -> None:
         report.append(text)
 
     emit("\n".join(report))
+    if args.cores:
+        few = batches[: args.batches]
+        runners = {
+            "hawq": lambda config: HawqRunner(model, few, blocks, config),
+            "pyhessian": lambda: PyHessianRunner(model, few, args.tol, args.seed),
+        }
+        cores_section(model, few, blocks, args, runners, emit, md_table, rel)
+        finish(report, args.out)
+        return
     if not args.skip_chunk:
         timing = chunk_timing(model, batches[: args.chunk_batches], blocks, chunk=args.chunk,
                               probes=args.chunk_probes, cached=args.chunk_cached,
                               seed=args.seed, threads=args.threads)  # fmt: skip
         backward = batched_backward(model, batches[0], blocks, chunk=args.chunk,
                                     threads=args.threads)  # fmt: skip
-        emit(f"\n## (f) Hutchinson probes per graph build, K=1 vs K={args.chunk}\n")
+        emit(f"\n## (h) Hutchinson probes per graph build, K=1 vs K={args.chunk}\n")
         emit(chunk_report(timing, backward, args.chunk, args.batch_size, md_table))
     if args.only_chunk:
         finish(report, args.out)
