@@ -5,6 +5,7 @@ families of one solver at one size, and the atomic save of an experiment's JSON 
 from __future__ import annotations
 
 import copy
+import io
 import json
 import time
 from dataclasses import replace
@@ -18,13 +19,16 @@ from eval_setup import (
     load_model_and_data,
     load_run_config,
     permuted_sensitivity,
+    settings_key,
     solve_with,
+    weights_digest,
 )
 from torch import nn
 
 import hawq
 from hawq.allocate import Allocation, problem_from_model
 from hawq.quant import BitConfig
+from hawq.quant.bitconfig import atomic_write
 from hawq.size import size_summary
 from pipeline.data import DataBundle
 
@@ -58,10 +62,13 @@ class Setup:
     def __init__(self, exp: Experiment, device: torch.device, results_dir: Path, data_root):
         self.exp = exp
         self.cfg = load_run_config(exp, data_root)
+        # a model trained from scratch starts from the same weights whichever experiments ran
+        # before it in this process (pretrained ones load a checkpoint over them)
+        torch.manual_seed(self.cfg.run.seed)
         self.model, self.data = load_model_and_data(self.cfg, device)
         self.bs = self.cfg.data.batch_size
         if self.cfg.baseline.train_epochs > 0:
-            self._train_float()
+            self._float_baseline(results_dir / "cache")
         self.model.eval()
         self.teacher = copy.deepcopy(self.model).requires_grad_(False)
         self.table = cached_analysis(self.model, self.data, self.cfg, results_dir / "cache", log)
@@ -74,6 +81,36 @@ class Setup:
             for s in ("eigenvalue", "trace")
         }
         self.float_correct = correctness(self.model, self.data, self.bs)
+
+    def _float_baseline(self, cache_dir: Path) -> None:
+        """The trained float model, from ``cache_dir`` when these settings trained it before
+        (a resumed evaluation does not retrain it), else trained and saved atomically."""
+        key = settings_key(
+            {
+                "model": self.cfg.model.to_dict(),
+                "data": self.cfg.data.to_dict(),
+                "baseline": self.cfg.baseline.to_dict(),
+                "seed": self.cfg.run.seed,
+                "init": weights_digest(self.model),
+            }
+        )
+        path = cache_dir / f"float-{key}.pt"
+        if path.exists():
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+                self.model.load_state_dict(state)
+            except Exception as exc:
+                why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                raise RuntimeError(
+                    f"cached float model {path} cannot be loaded ({why}); delete it to retrain"
+                ) from exc
+            log(f"  float baseline: cached {path}")
+            return
+        self._train_float()
+        sink = io.BytesIO()
+        torch.save({k: v.detach().cpu() for k, v in self.model.state_dict().items()}, sink)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, sink.getvalue())
 
     def _train_float(self) -> None:
         """Train from scratch with the library's loop (all layers float, one stage)."""

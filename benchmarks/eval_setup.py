@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import yaml
+from torch import nn
 
 import hawq
 from hawq.allocate import Allocation, AllocConfig, InfeasibleAllocation, Problem, allocate
@@ -233,19 +234,29 @@ def load_model_and_data(cfg, device: torch.device) -> tuple[torch.nn.Module, Dat
     return model.to(device), data
 
 
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 of every parameter and buffer (BatchNorm statistics included), in order."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return hashlib.sha256(b"".join(t.detach().cpu().numpy().tobytes() for t in tensors)).hexdigest()
+
+
+def settings_key(parts: dict) -> str:
+    """A short key of the settings ``parts`` (JSON, sorted keys) plus the hawq version."""
+    text = json.dumps({**parts, "hawq": hawq.__version__}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def cached_analysis(model, data: DataBundle, cfg, cache_dir: Path, log) -> pa.Table:
     """``hawq.analyze`` of the float model, cached under a key of the settings that decide it."""
-    parts = {
-        "model": cfg.model.to_dict(),
-        "data": cfg.data.to_dict(),
-        "hessian": cfg.hessian.to_dict(),
-        "weights": hashlib.sha256(
-            b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters())
-        ).hexdigest(),
-        "hawq": hawq.__version__,
-    }
-    key = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-    path = cache_dir / f"sensitivity-{key[:16]}.parquet"
+    key = settings_key(
+        {
+            "model": cfg.model.to_dict(),
+            "data": cfg.data.to_dict(),
+            "hessian": cfg.hessian.to_dict(),
+            "weights": weights_digest(model),
+        }
+    )
+    path = cache_dir / f"sensitivity-{key}.parquet"
     if path.exists():
         log(f"  Hessian analysis: cached {path}")
         return pq.read_table(path)

@@ -238,3 +238,52 @@ def test_saved_results_stay_valid_only_for_the_same_settings() -> None:
     # a uniform QAT arm added to results saved before the key existed: resumed, arm added
     assert same_settings({k: v for k, v in saved.items() if k != "qat_uniform"}, exp)
     assert same_settings(old, replace(exp, qat_uniform=(4,)))
+
+
+@pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist").is_dir(),
+    reason="needs the Debian package dataset-fashion-mnist",
+)
+def test_float_baseline_is_trained_once_per_settings(tmp_path: Path, monkeypatch) -> None:
+    """A resumed evaluation loads the float model it trained before (same weights, no training);
+    another baseline setting trains anew; a corrupt cache file is refused, naming it."""
+    import torch
+    from eval_context import Setup
+    from eval_setup import Experiment, weights_digest
+
+    tiny = (
+        "data.train_size=64",
+        "data.eval_size=32",
+        "data.hessian_samples=16",
+        "data.hessian_batch_size=16",
+        "baseline.train_epochs=1",
+        "hessian.max_iter=2",
+        "hessian.trace_max_probes=2",
+        "hessian.trace_min_probes=2",
+    )
+    exp = Experiment(
+        name="fm", title="t", config="configs/fashion_mnist_resnet20.yaml", overrides=tiny
+    )
+    trained = []
+    original = Setup._train_float
+
+    def counting(self) -> None:
+        trained.append(1)
+        original(self)
+
+    monkeypatch.setattr(Setup, "_train_float", counting)
+    cpu = torch.device("cpu")
+    first = Setup(exp, cpu, tmp_path, None)
+    assert len(trained) == 1
+    cached = list((tmp_path / "cache").glob("float-*.pt"))
+    assert len(cached) == 1
+    again = Setup(exp, cpu, tmp_path, None)
+    assert len(trained) == 1  # loaded, not retrained
+    assert weights_digest(again.model) == weights_digest(first.model)
+    assert np.array_equal(again.float_correct, first.float_correct)
+    other = replace(exp, overrides=(*tiny, "baseline.lr=0.05"))
+    Setup(other, cpu, tmp_path, None)
+    assert len(trained) == 2 and len(list((tmp_path / "cache").glob("float-*.pt"))) == 2
+    cached[0].write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match=rf"{cached[0].name}.*delete it to retrain"):
+        Setup(exp, cpu, tmp_path, None)
