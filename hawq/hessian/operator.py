@@ -232,16 +232,14 @@ class HessianOperator:
         out = self._apply(names, flats)
         sizes = [self._dims[n] for n in names]
         results = [dict(zip(names, o.split(sizes), strict=True)) for o in out]
-        for name in names:
+        for i, name in enumerate(names):
             if name in self._checked:
                 continue
             self._checked.add(name)
-            for result, flat in zip(results, flats, strict=True):
-                v = flat[names.index(name)]
-                if bool(v.any()):
-                    if not bool(result[name].any()):
-                        self._check_zero(name)
-                    break
+            # the first non-zero vector of this block decides (a zero vector proves nothing)
+            k = next((k for k, flat in enumerate(flats) if bool(flat[i].any())), None)
+            if k is not None and not bool(results[k][name].any()):
+                self._check_zero(name)
         return results
 
     # ------------------------------------------------------------------ internals
@@ -285,10 +283,17 @@ class HessianOperator:
         the distinct storages it saves plus the gradients (built once here, then dropped)."""
         if not 0 <= j < len(self._batches):
             raise ValueError(f"batch index {j} out of range 0..{len(self._batches) - 1}")
-        pnames = [n for b in self.blocks for n in self._block_params[b.name]]
+        return self._metered_gradients(j)[1]
+
+    def _all_params(self) -> list[str]:
+        return [n for b in self.blocks for n in self._block_params[b.name]]
+
+    def _metered_gradients(self, j: int) -> tuple[dict, int]:
+        """Batch ``j``'s first-order gradients w.r.t. every block, and the bytes their graph
+        holds (distinct saved storages + the gradients)."""
         meter = SavedBytes([*self._detached.values(), self._batches[j][0]])
-        grads = self._gradients(j, pnames, meter)
-        return meter.nbytes + sum(g.nbytes for g in grads.values() if g is not None)
+        grads = self._gradients(j, self._all_params(), meter)
+        return grads, meter.nbytes + sum(g.nbytes for g in grads.values() if g is not None)
 
     def _build_graphs(self) -> None:
         """Keep first-order graphs (w.r.t. every block) for the batches that fit the budget
@@ -297,16 +302,12 @@ class HessianOperator:
         budget = self.memory_budget_bytes
         if budget == 0 or not self._batches:
             return
-        pnames = [n for b in self.blocks for n in self._block_params[b.name]]
+        pnames = self._all_params()
         sizes = [x.shape[0] for x, _ in self._batches]
-        meter = None
-        if budget is not None:
-            meter = SavedBytes([*self._detached.values(), self._batches[0][0]])
-        first = self._gradients(0, pnames, meter)
-        if meter is None:
-            count = len(sizes)
+        if budget is None:
+            first, count = self._gradients(0, pnames), len(sizes)
         else:
-            nbytes = meter.nbytes + sum(g.nbytes for g in first.values() if g is not None)
+            first, nbytes = self._metered_gradients(0)
             count = batches_to_cache(sizes, nbytes, budget)
             self.graph_bytes = int(sum(sizes[:count]) * nbytes / sizes[0])
         for j in range(count):
@@ -335,6 +336,7 @@ class HessianOperator:
             chunk = acc[k * width : (k + 1) * width].split(psizes)
             views.append([c.view(self._shapes[n]) for c, n in zip(chunk, pnames, strict=True)])
         leaves = [self._leaves[n] for n in pnames]
+        wanted = {id(t) for t in leaves}
         for j in batches:
             cached = j in self._graphs
             grads = self._graphs[j] if cached else self._gradients(j, pnames)
@@ -345,8 +347,8 @@ class HessianOperator:
                 continue
             outs = [grads[pnames[i]] for i in used]
             n_j = float(self._batches[j][0].shape[0])
+            self._lean.wanted = wanted  # a rebuilt graph (``_gradients``) set its own
             for k in range(len(flats)):
-                self._lean.wanted = {id(t) for t in leaves}
                 try:
                     with torch.enable_grad(), exact_float32(self.device):
                         hv = torch.autograd.grad(

@@ -31,7 +31,7 @@ from torch import nn
 
 from hawq.blocks import Block, partition_blocks
 from hawq.hessian.eigen import METHODS, EigenResult, top_k
-from hawq.hessian.memory import check_memory_budget, estimate_graph_memory
+from hawq.hessian.memory import GraphMemory, check_memory_budget, estimate_graph_memory
 from hawq.hessian.operator import Batch, HessianOperator, LossFn
 from hawq.hessian.trace import hutchinson, probe_samples
 from hawq.hessian.trace_deflated import TRACE_METHODS, Deflation
@@ -289,6 +289,7 @@ def analyze(
     probes: Mapping[int, Mapping[str, float]] | None = None,
     on_probe: ProbeCallback | None = None,
     progress: bool = True,
+    graph_memory: GraphMemory | None = None,
 ) -> pa.Table:
     """Sensitivity table (``SENSITIVITY_SCHEMA``) of every block of ``model``.
 
@@ -301,7 +302,8 @@ def analyze(
     probes / on_probe: the same for the Hutchinson probes (``{probe: {block: sample}}``).
 
     A positive ``config.memory_budget_mb`` that cannot hold one batch's first-order graph is a
-    ``hawq.hessian.memory.MemoryBudgetError`` (a ``ValueError``) before any work.
+    ``hawq.hessian.memory.MemoryBudgetError`` (a ``ValueError``) before any work; the check
+    uses ``graph_memory`` when the caller has already estimated it (same model, loss, blocks).
     """
     config = HessianConfig() if config is None else config
     if not isinstance(config, HessianConfig):
@@ -316,7 +318,7 @@ def analyze(
         model, loss_fn, batches, blocks, memory_budget_bytes=config.memory_budget_bytes
     ) as op:
         if config.memory_budget_mb:  # batches validated by the operator, no graph built yet
-            memory = estimate_graph_memory(model, loss_fn, batches[0], blocks)
+            memory = graph_memory or estimate_graph_memory(model, loss_fn, batches[0], blocks)
             largest = max(x.shape[0] for x, _ in batches)
             check_memory_budget(memory, largest, config.memory_budget_mb)
         todo = [b for b in blocks if b.name not in done]

@@ -35,6 +35,7 @@ class LocalBackend:
         reused, not recomputed)."""
         model = job.instantiate(self.device)
         batches = [(x.to(self.device), y.to(self.device)) for x, y in job.batches]
+        memory = None
         if batches:
             memory = estimate_graph_memory(model, job.loss_fn, batches[0], job.blocks)
             sizes = [x.shape[0] for x, _ in batches]
@@ -51,6 +52,7 @@ class LocalBackend:
             probes=probes,
             on_probe=on_probe,
             progress=progress,
+            graph_memory=memory,
         )
 
     def close(self) -> None:
