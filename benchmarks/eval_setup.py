@@ -39,6 +39,7 @@ from pipeline.models import build_model, loss_fn_for
 logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = "../shared/data/"
+QAT_ARMS = ("hawq", "anti", "random", "uniform")  # the allocation families QAT can train
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,7 +59,12 @@ class Experiment:
     qat_solver: str = "ilp"  # the solver family of the QAT and order studies
     # uniform-b allocations (every free block at b bits) QAT-trained with the same recipe
     qat_uniform: tuple[int, ...] = ()
+    # the allocation families the QAT study trains (e.g. [hawq, uniform] for a budget study)
+    qat_arms: tuple[str, ...] = QAT_ARMS
     final_epochs: int = 1  # epochs with every block trainable after the block stages
+    # QAT and the order study train on the first qat_train_size training images (None: all of
+    # data.train_size; the float model and PTQ calibration are unaffected)
+    qat_train_size: int | None = None
     orders: tuple[str, ...] = ("descending", "reverse", "random")
     augment: bool = True  # random crop (pad 4) + horizontal flip during QAT
     # every solver's weight bits in [(1 - t) B, B] for the target's budget B (same size)
@@ -68,7 +74,7 @@ class Experiment:
     def __post_init__(self) -> None:
         if not isinstance(self.qat_uniform, list | tuple):
             raise ValueError(f"{self.name}: qat_uniform must be a list of bit widths, e.g. [4]")
-        for key in ("overrides", "qat_seeds", "orders", "studies", "qat_uniform"):
+        for key in ("overrides", "qat_seeds", "orders", "studies", "qat_uniform", "qat_arms"):
             object.__setattr__(self, key, tuple(getattr(self, key)))
         for b in self.qat_uniform:
             if isinstance(b, bool) or not isinstance(b, int) or b not in INT_BITS:
@@ -78,11 +84,23 @@ class Experiment:
                 )
         if len(set(self.qat_uniform)) != len(self.qat_uniform):
             raise ValueError(f"{self.name}: qat_uniform {list(self.qat_uniform)} repeats a width")
+        bad_arms = set(self.qat_arms) - set(QAT_ARMS)
+        if not self.qat_arms or bad_arms:
+            raise ValueError(
+                f"{self.name}: qat_arms must be a non-empty subset of {list(QAT_ARMS)}, "
+                f"got {list(self.qat_arms)}"
+            )
         if self.qat_solver not in ("ilp", "v1"):
             raise ValueError(f"{self.name}: qat_solver must be 'ilp' or 'v1'")
         t = self.size_tolerance
         if t is not None and not (isinstance(t, float | int) and 0 < t < 1):
             raise ValueError(f"{self.name}: size_tolerance must be in (0, 1) or null, got {t!r}")
+        n = self.qat_train_size
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(
+                f"{self.name}: qat_train_size must be a positive number of images or null, "
+                f"got {n!r}"
+            )
         if self.ptq_random < 0 or self.qat_random < 0 or self.final_epochs < 0:
             raise ValueError(f"{self.name}: ptq_random, qat_random, final_epochs must be >= 0")
         if not self.studies or set(self.studies) - {"ptq", "qat", "order"}:
@@ -141,6 +159,7 @@ RESUMABLE_FIELDS = frozenset(
         "qat_random",
         "qat_seeds",
         "qat_uniform",
+        "qat_arms",
         "orders",
         "studies",
     }
@@ -175,9 +194,16 @@ def smoke_config(cfg: EvalConfig, out_dir: Path) -> EvalConfig:
     )
 
 
-def check_uniform_widths(exp: Experiment, run_cfg) -> None:
+def check_experiment(exp: Experiment, run_cfg) -> None:
     """``exp.qat_uniform`` widths must be candidate bits of the allocation (Omega covers only
-    those); raises a ValueError naming the key before any work starts."""
+    those), and ``exp.qat_train_size`` at most ``data.train_size``; raises a ValueError naming
+    the key before any work starts."""
+    n, n_train = exp.qat_train_size, run_cfg.data.train_size
+    if n is not None and n_train is not None and n > n_train:
+        raise ValueError(
+            f"{exp.name}: qat_train_size {n} exceeds data.train_size {n_train} of {exp.config}; "
+            f"lower qat_train_size or raise data.train_size"
+        )
     cand = tuple(run_cfg.allocation.candidate_bits)
     bad = [b for b in exp.qat_uniform if b not in cand]
     if bad:

@@ -81,9 +81,10 @@ def study_ptq(s: Setup, res: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- QAT
-def augmented(data: DataBundle, batch_size: int, augment: bool):
-    """Training batches drawn from the QAT loop's generator: shuffle, pad-4 random crop, flip."""
-    x_all, y_all = data.train_x, data.train_y
+def augmented(data: DataBundle, batch_size: int, augment: bool, n_images: int | None = None):
+    """Training batches of the first ``n_images`` training images (None: all), drawn from the
+    QAT loop's generator: shuffle, pad-4 random crop, flip."""
+    x_all, y_all = data.train_x[:n_images], data.train_y[:n_images]
 
     def batches(gen: torch.Generator):
         n = len(y_all)
@@ -119,7 +120,7 @@ def qat_run(s: Setup, alloc: Allocation, seed: int, mode: str) -> dict:
         seed=seed,
         loss="distill",
     )
-    train = augmented(s.data, qcfg.batch_size, s.exp.augment)
+    train = augmented(s.data, qcfg.batch_size, s.exp.augment, s.exp.qat_train_size)
     test = (s.data.eval_x, s.data.eval_y)
     hist = hawq.run_qat(
         m, order.stages, train, test, qcfg, bit_config=alloc.bit_config, teacher=s.teacher
@@ -149,13 +150,14 @@ def qat_run(s: Setup, alloc: Allocation, seed: int, mode: str) -> dict:
 
 
 def qat_allocations(s: Setup) -> list[tuple[str, str, Allocation]]:
-    """The QAT study's allocations: HAWQ, anti and random of ``qat_solver`` at the QAT size,
-    then ``uniform-b`` for each ``qat_uniform`` width (free blocks at b bits, pins kept)."""
+    """The QAT study's allocations of the ``qat_arms`` families: HAWQ, anti and random of
+    ``qat_solver`` at the QAT size, then ``uniform-b`` for each ``qat_uniform`` width (free
+    blocks at b bits, pins kept)."""
     solver, sens = s.exp.qat_solver, s.acfg.sensitivity
     out = allocations(s, solver, sens, s.exp.qat_random, s.exp.qat_compression)
     for b in s.exp.qat_uniform:
         out.append((f"uniform-{b}", "uniform", uniform(s.problems[sens], s.acfg, b)))
-    return out
+    return [a for a in out if a[1] in s.exp.qat_arms]
 
 
 def plan_qat(s: Setup, res: dict) -> list[tuple[str, str, Allocation, int]]:

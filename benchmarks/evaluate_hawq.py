@@ -48,7 +48,7 @@ from eval_setup import (  # noqa: E402
     ROOT,
     EvalConfig,
     Experiment,
-    check_uniform_widths,
+    check_experiment,
     load_eval_config,
     load_run_config,
     same_settings,
@@ -80,6 +80,7 @@ def run_experiment(exp: Experiment, cfg: EvalConfig, studies, device, data_root)
         "overrides": list(exp.overrides),
         "n_eval": len(s.data.eval_y),
         "n_train": len(s.data.train_y),
+        "n_qat_train": len(s.data.train_y[: exp.qat_train_size]),
         "n_hessian": s.data.hessian_samples,
         "float_correct": bits_str(s.float_correct),
         "float_acc": float(np.mean(s.float_correct)),
@@ -150,9 +151,10 @@ def main(argv: list[str] | None = None) -> None:
         if unknown:
             ap.error(f"unknown experiments {sorted(unknown)}")
     selected = [e for e in cfg.experiments if args.only is None or e.name in args.only]
-    for exp in selected if not args.doc_only and "qat" in args.studies else ():
-        try:  # before any work: uniform widths outside the candidate bits have no Omega
-            check_uniform_widths(exp, load_run_config(exp, args.data_root))
+    trains = not args.doc_only and {"qat", "order"} & set(args.studies)
+    for exp in selected if trains else ():
+        try:  # before any work: uniform widths without Omega, a QAT set larger than the data
+            check_experiment(exp, load_run_config(exp, args.data_root))
         except ValueError as exc:
             ap.error(f"{args.config}: {exc}")
     if args.device == "cuda" and not torch.cuda.is_available():

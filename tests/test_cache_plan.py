@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from hawq.blocks import partition_blocks
+from hawq.hessian.graph_cache import batches_to_cache
 from hawq.hessian.memory import GraphMemory, estimate_graph_memory
-from hawq.hessian.operator import HessianOperator, batches_to_cache
+from hawq.hessian.operator import HessianOperator
 from hawq.hessian.table import HessianConfig
 from pipeline.backends.base import HessianJob
 from pipeline.backends.local import LocalBackend

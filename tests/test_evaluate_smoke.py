@@ -10,6 +10,7 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -37,15 +38,20 @@ def test_eval_configs_load_and_are_strict(tmp_path: Path) -> None:
         ]
         assert all(e.ptq_random >= 10 for e in cfg.experiments)
     gpu = load_eval_config(ROOT / "configs" / "evaluate" / "gpu.yaml")
-    assert all(len(e.qat_seeds) >= 5 and e.qat_random >= 3 for e in gpu.experiments)
     cpu = load_eval_config(ROOT / "configs" / "evaluate" / "cpu.yaml")
-    for cfg, with_uniform in (
-        (cpu, {"resnet20_cifar10_qat8x", "resnet56_cifar10"}),
-        (gpu, {"resnet20_cifar10_qat8x", "resnet56_cifar10", "fashion_mnist_resnet20"}),
-    ):
+    with_uniform = {"resnet20_cifar10_qat8x", "resnet56_cifar10", "fashion_mnist_resnet20"}
+    for cfg in (cpu, gpu):  # the QAT study: >= 5 seeds, >= 3 random allocations
+        assert all(len(e.qat_seeds) >= 5 and e.qat_random >= 3 for e in cfg.experiments)
         assert {e.name: e.qat_uniform for e in cfg.experiments} == {
             e.name: (4,) if e.name in with_uniform else () for e in cfg.experiments
         }
+    full = load_eval_config(ROOT / "configs" / "evaluate" / "cpu_full_budget.yaml")
+    assert {e.name: e.qat_arms for e in full.experiments} == {
+        "resnet20_13x_full": ("hawq",),
+        "resnet20_8x_full": ("hawq", "uniform"),
+    }
+    for e in full.experiments:  # all 4,660 training images: no train_size override
+        assert len(e.qat_seeds) >= 5 and not any("train_size" in o for o in e.overrides)
     bad = tmp_path / "bad.yaml"
     bad.write_text("experiments: [{name: a, title: b, config: c, seedz: [1]}]\n")
     with pytest.raises(ValueError, match="seedz"):
@@ -68,16 +74,16 @@ def test_eval_configs_load_and_are_strict(tmp_path: Path) -> None:
 def test_uniform_widths_outside_the_candidate_bits_fail_before_any_work(
     tmp_path: Path, capsys
 ) -> None:
-    from eval_setup import Experiment, check_uniform_widths, load_run_config
+    from eval_setup import Experiment, check_experiment, load_run_config
     from evaluate_hawq import main
 
     exp = Experiment(name="a", title="b", config="configs/resnet20_cifar10.yaml")
     run_cfg = load_run_config(exp)
     assert tuple(run_cfg.allocation.candidate_bits) == (2, 4, 8)
     for ok in ((), (2,), (4, 8)):
-        check_uniform_widths(replace(exp, qat_uniform=ok), run_cfg)
+        check_experiment(replace(exp, qat_uniform=ok), run_cfg)
     with pytest.raises(ValueError, match=r"a: qat_uniform \[3\] not among allocation\.cand"):
-        check_uniform_widths(replace(exp, qat_uniform=(4, 3)), run_cfg)
+        check_experiment(replace(exp, qat_uniform=(4, 3)), run_cfg)
     cfg = tmp_path / "eval.yaml"
     cfg.write_text(
         "experiments: [{name: a, title: b, config: configs/resnet20_cifar10.yaml, "
@@ -89,6 +95,68 @@ def test_uniform_widths_outside_the_candidate_bits_fail_before_any_work(
         "qat_uniform [3] not among allocation.candidate_bits [2, 4, 8]" in capsys.readouterr().err
     )
     assert not (tmp_path / "out").exists()  # nothing ran, nothing was written
+
+
+def test_qat_train_size_is_validated_before_any_work_and_limits_the_qat_images(
+    tmp_path: Path, capsys
+) -> None:
+    import torch
+    from eval_setup import Experiment, check_experiment, load_run_config
+    from eval_studies import augmented
+    from evaluate_hawq import main
+
+    for bad in (0, -3, 2.5, True, "100"):
+        with pytest.raises(ValueError, match="a: qat_train_size must be a positive"):
+            Experiment(name="a", title="b", config="c", qat_train_size=bad)
+    exp = Experiment(name="a", title="b", config="configs/resnet20_cifar10.yaml")
+    run_cfg = load_run_config(replace(exp, overrides=("data.train_size=64",)))
+    check_experiment(replace(exp, qat_train_size=64), run_cfg)
+    with pytest.raises(ValueError, match=r"a: qat_train_size 65 exceeds data\.train_size 64"):
+        check_experiment(replace(exp, qat_train_size=65), run_cfg)
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(
+        "experiments: [{name: a, title: b, config: configs/resnet20_cifar10.yaml, "
+        "overrides: [data.train_size=64], qat_train_size: 100}]\n"
+    )
+    with pytest.raises(SystemExit):
+        main(["--config", str(cfg), "--out", str(tmp_path / "out"), "--studies", "order"])
+    assert "qat_train_size 100 exceeds data.train_size 64" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    # the QAT batches cover exactly the first n images, each once per epoch
+    x = torch.arange(10, dtype=torch.float64).reshape(10, 1, 1, 1).expand(10, 1, 2, 2)
+    data = SimpleNamespace(train_x=x.contiguous(), train_y=torch.arange(10))
+    for n, want in ((None, 10), (7, 7), (20, 10)):
+        batches = augmented(data, 3, False, n)(torch.Generator().manual_seed(0))
+        ys = torch.cat([y for _, y in batches])
+        assert sorted(ys.tolist()) == list(range(want))
+
+
+def test_qat_arms_choose_the_families_trained(monkeypatch) -> None:
+    import eval_studies
+    from eval_setup import Experiment
+
+    for bad in ((), ("hawq", "ants")):
+        with pytest.raises(ValueError, match="a: qat_arms must be a non-empty subset"):
+            Experiment(name="a", title="b", config="c", qat_arms=bad)
+    fake = [("hawq-ilp-eigenvalue", "hawq", "A"), ("anti-ilp-eigenvalue", "anti", "B")]
+    fake += [(f"random-ilp-{k}", "random", "R") for k in range(2)]
+    monkeypatch.setattr(eval_studies, "allocations", lambda *a: list(fake))
+    monkeypatch.setattr(eval_studies, "uniform", lambda problem, acfg, b: f"U{b}")
+    for arms, want in (
+        (None, ["hawq", "anti", "random", "random", "uniform"]),
+        (("hawq", "uniform"), ["hawq", "uniform"]),
+        (("random",), ["random", "random"]),
+    ):
+        exp = Experiment(name="a", title="b", config="c", qat_uniform=(4,))
+        exp = exp if arms is None else replace(exp, qat_arms=arms)
+        s = SimpleNamespace(
+            exp=exp,
+            acfg=SimpleNamespace(sensitivity="eigenvalue"),
+            problems={"eigenvalue": None},
+        )
+        got = eval_studies.qat_allocations(s)
+        assert [k for _, k, _ in got] == want
+        assert ("uniform-4", "uniform", "U4") in got or "uniform" not in want
 
 
 def test_anti_reverses_the_free_blocks_ranks() -> None:
@@ -137,6 +205,9 @@ def test_smoke_run_writes_doc_consistent_with_results(tmp_path: Path) -> None:
     doc = (tmp_path / "results.md").read_text()
     assert "SMOKE RUN" in doc and "## Acceptance" in doc
     res = json.loads((tmp_path / "results" / "resnet20_cifar10.json").read_text())
+    total = sum(res["seconds"].values()) / 60
+    assert set(res["seconds"]) == {"setup", "ptq", "qat", "order"} and total > 0
+    assert f"Wall time of these results: {total:.1f} min in all" in doc
     rows = {r["name"]: r for r in res["ptq"]["rows"]}
     # two solvers x two sensitivities x (hawq, anti), 2 random per solver, 3 uniform
     assert len(rows) == 8 + 4 + 3

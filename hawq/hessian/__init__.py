@@ -1,7 +1,8 @@
 """Block Hessian analysis: HVP operator, eigen and trace solvers, the sensitivity table.
 
 ``operator`` (block-restricted HVPs; ``double_backward`` and ``backward_support`` serve it;
-``memory`` estimates one batch's graph and checks the budget),
+``memory`` estimates one batch's graph and checks the budget, ``graph_cache`` picks the
+batches whose graphs are kept),
 ``eigen`` (power iteration, Lanczos, deflation), ``trace`` (Hutchinson) and ``table``
 (``HessianConfig``, ``analyze`` -> one row per block). This package re-exports their public
 names.
@@ -9,13 +10,14 @@ names.
 
 from hawq.hessian.backward_support import find_double_backward_failures
 from hawq.hessian.eigen import EigenResult, lanczos, power_iteration, top_k
+from hawq.hessian.graph_cache import batches_to_cache
 from hawq.hessian.memory import (
     GraphMemory,
     MemoryBudgetError,
     check_memory_budget,
     estimate_graph_memory,
 )
-from hawq.hessian.operator import HessianError, HessianOperator, batches_to_cache
+from hawq.hessian.operator import HessianError, HessianOperator
 from hawq.hessian.table import (
     EIGEN_COLUMNS,
     EIGEN_RESULT_COLUMNS,

@@ -53,6 +53,7 @@ from torch.func import functional_call
 from hawq.blocks import Block, partition_blocks
 from hawq.hessian.backward_support import find_double_backward_failures
 from hawq.hessian.double_backward import LeanSecondOrder, SavedBytes
+from hawq.hessian.graph_cache import batches_to_cache
 from hawq.precision import exact_float32
 
 logger = logging.getLogger(__name__)
@@ -60,24 +61,6 @@ logger = logging.getLogger(__name__)
 Batch = tuple[Tensor, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 AllReduce = Callable[[Tensor], Tensor | None]
-
-
-def batches_to_cache(batch_sizes: Sequence[int], first_bytes: float, budget: int | None) -> int:
-    """How many batches (a prefix) keep their first-order graph under ``budget`` bytes.
-
-    The first batch's graph takes ``first_bytes``; batch ``j`` is estimated at ``first_bytes *
-    n_j / n_0``; batches are kept in order while the running total fits (``None``: all).
-    """
-    if budget is None:
-        return len(batch_sizes)
-    per_sample = first_bytes / batch_sizes[0] if batch_sizes else 0.0
-    total, count = 0.0, 0
-    for n in batch_sizes:
-        total += per_sample * n
-        if total > budget:
-            break
-        count += 1
-    return count
 
 
 class HessianError(RuntimeError):

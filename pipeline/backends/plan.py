@@ -2,7 +2,7 @@
 
 With ``D`` data shards, actor ``(g, d)`` holds batches ``d, d + D, ...`` and its
 ``HessianOperator`` keeps the first-order graphs of a prefix of them under its own memory
-budget (``hawq.hessian.operator.batches_to_cache``); the others are rebuilt on every HVP
+budget (``hawq.hessian.graph_cache.batches_to_cache``); the others are rebuilt on every HVP
 (forward + create-graph backward, ~3-4x a cached HVP; once per chunk of Hutchinson probes).
 The plan applies that same rule to the estimated size of one graph (``hawq.hessian.memory``),
 so it says before any work how many batches each actor caches and rebuilds and how much memory
@@ -21,8 +21,8 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from hawq.hessian.graph_cache import batches_to_cache
 from hawq.hessian.memory import GraphMemory, estimate_graph_memory
-from hawq.hessian.operator import batches_to_cache
 from pipeline.backends.base import HessianJob
 from pipeline.backends.ray.config import RayBackendConfig
 
