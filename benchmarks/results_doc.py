@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from paired_stats import mean_ci
-from results_plots import plots
+from results_plots import plots, qat_plot
 from results_studies import fmt_paired, order_md, pct, ptq_md, ptq_stats, qat_md, table_md, verdict
 
 from hawq.quant.bitconfig import atomic_write
@@ -178,6 +178,8 @@ def experiment_md(
         out += ["", *q]
     if "order" in res and res["order"]["runs"]:
         out += ["", *order_md(res)]
+    if "qat" in res and res["qat"]["runs"]:
+        out += ["", qat_plot(res, img_dir, doc_dir)]
     sens = res["sensitivity"]
     out += ["", "### Hessian sensitivity (float model)", ""]
     out.append(

@@ -1,10 +1,54 @@
-"""Plots of ``docs/results.md``: accuracy vs size (every allocation a point) and total Omega vs
-PTQ accuracy, from the JSON results of ``evaluate_hawq.py``."""
+"""Plots of ``docs/results.md``: accuracy vs size (every allocation a point), total Omega vs
+PTQ accuracy, and QAT / fine-tuning-order accuracy per seed, from the JSON results of
+``evaluate_hawq.py``."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+import numpy as np
+
+COLORS = {"hawq": "tab:green", "anti": "tab:red", "random": "tab:gray", "uniform": "tab:blue"}
+
+
+def qat_plot(res: dict, img_dir: Path, doc_dir: Path) -> str:
+    """Top-1 per seed of every QAT arm and every fine-tuning order (one column each, the mean
+    as a bar), with float32 as a line; returns the Markdown image link."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    img_dir.mkdir(parents=True, exist_ok=True)
+    name = res["experiment"]["name"]
+    runs = res["qat"]["runs"]
+    groups = []
+    for n in dict.fromkeys(r["name"] for r in runs):
+        rs = [r for r in runs if r["name"] == n]
+        groups.append((f"{n} ({rs[0]['weight_compression']:.2f}x)", rs[0]["kind"], rs))
+    order = res.get("order", {}).get("runs", [])
+    for mode in dict.fromkeys(r["order"] for r in order if r["order"] != "descending"):
+        groups.append((f"order: {mode}", "order", [r for r in order if r["order"] == mode]))
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(groups) + 1.5), 3.8))
+    for i, (_, kind, rs) in enumerate(groups):
+        accs = [100 * r["acc"] for r in rs]
+        c = COLORS.get(kind, "tab:purple")
+        jitter = np.linspace(-0.12, 0.12, len(accs)) if len(accs) > 1 else [0.0]
+        ax.scatter(i + np.asarray(jitter), accs, c=c, s=22, alpha=0.85, zorder=3)
+        ax.hlines(np.mean(accs), i - 0.3, i + 0.3, colors=c, lw=2, zorder=2)
+    ax.axhline(100 * res["float_acc"], color="k", ls="--", lw=1, label="float32")
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels([g[0] for g in groups], rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel(f"top-1 on {res['n_eval']} test images (%)")
+    ax.set_title(f"{name}: QAT top-1 per seed (points) and mean (bar); orders: HAWQ's bits",
+                 fontsize=9)  # fmt: skip
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    p = img_dir / f"{name}_qat_seeds.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return f"![{p.stem}]({os.path.relpath(p, doc_dir)})"
 
 
 def plots(res: dict, img_dir: Path, doc_dir: Path) -> list[str]:
@@ -16,7 +60,7 @@ def plots(res: dict, img_dir: Path, doc_dir: Path) -> list[str]:
     img_dir.mkdir(parents=True, exist_ok=True)
     name = res["experiment"]["name"]
     rows = res["ptq"]["rows"]
-    colors = {"hawq": "tab:green", "anti": "tab:red", "random": "tab:gray", "uniform": "tab:blue"}
+    colors = COLORS
     out = []
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for kind, c in colors.items():

@@ -208,6 +208,9 @@ def test_smoke_run_writes_doc_consistent_with_results(tmp_path: Path) -> None:
     total = sum(res["seconds"].values()) / 60
     assert set(res["seconds"]) == {"setup", "ptq", "qat", "order"} and total > 0
     assert f"Wall time of these results: {total:.1f} min in all" in doc
+    for plot in ("acc_vs_size", "omega_vs_acc", "qat_seeds"):  # linked and written
+        assert f"](img/resnet20_cifar10_{plot}.png)" in doc
+        assert (tmp_path / "img" / f"resnet20_cifar10_{plot}.png").stat().st_size > 10_000
     rows = {r["name"]: r for r in res["ptq"]["rows"]}
     # two solvers x two sensitivities x (hawq, anti), 2 random per solver, 3 uniform
     assert len(rows) == 8 + 4 + 3
@@ -270,7 +273,9 @@ def test_smoke_run_writes_doc_consistent_with_results(tmp_path: Path) -> None:
     assert set(orders) == {(o, s) for o in ("descending", "reverse") for s in (0, 1)}
     assert "Spearman" in doc and "two-way bootstrap" in doc
     pngs = sorted(p.name for p in (tmp_path / "img").glob("*.png"))
-    assert pngs == ["resnet20_cifar10_acc_vs_size.png", "resnet20_cifar10_omega_vs_acc.png"]
+    assert pngs == [
+        f"resnet20_cifar10_{p}.png" for p in ("acc_vs_size", "omega_vs_acc", "qat_seeds")
+    ]
 
     # results saved before qat_uniform existed: a rerun trains the uniform arm only, and
     # (QAT being deterministic in bits and seed) reproduces it exactly
