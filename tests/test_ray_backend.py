@@ -272,7 +272,10 @@ class TestLocalCluster:
         try:
             table = backend.run(JOB, progress=False)
             assert stalled and backend.placement[(0, 1)]["pid"] != stalled[0]
-            assert backend.stats["recoveries"] == 1
+            # at least the stalled one; on a loaded host a restarted group can also miss the
+            # 4 s collective timeout once more and be rebuilt again (seen in CI: 3), which is
+            # the same recovery path, so only its use, not its count, is asserted
+            assert backend.stats["recoveries"] >= 1
             assert_same_rows(table.to_pylist(), truth)
         finally:
             backend.close()
