@@ -270,6 +270,8 @@ def qat_md(res: dict) -> tuple[list[str], list]:
                 "Not the same size as HAWQ (weight bits more than 2% apart), so not compared "
                 "with it, only with float: " + "; ".join(off_size) + ".",
             ]
+    if not pairs:  # e.g. an experiment training HAWQ alone (qat_arms: [hawq])
+        return out, pairs
     out += [
         "",
         "HAWQ minus the comparison, paired by seed and test image (two-way bootstrap: "

@@ -118,3 +118,14 @@ def test_the_ptq_line_points_to_the_experiment_that_trained_uniform_4() -> None:
     assert _uniform_qat_in(ptq_only, [ptq_only, with_arm]) == "r20"
     assert _uniform_qat_in(with_arm, [ptq_only, with_arm]) == "r20"
     assert _uniform_qat_in(other_model, [other_model, with_arm]) is None
+
+
+def test_hawq_alone_has_no_empty_comparison_table() -> None:
+    res = _results(uniform_wc=7.97, uniform_p=0.9)
+    res["qat"]["runs"] = [r for r in res["qat"]["runs"] if r["kind"] == "hawq"]
+    text, pairs = qat_md(res)
+    body = "\n".join(text)
+    assert pairs == [] and "HAWQ minus the comparison" not in body
+    assert "| hawq-ilp-eigenvalue | 8.04x |" in body  # the per-seed table is still there
+    full = _results(uniform_wc=7.97, uniform_p=0.9)
+    assert "HAWQ minus the comparison" in "\n".join(qat_md(full)[0])
