@@ -153,11 +153,12 @@ def qat_allocations(s: Setup) -> list[tuple[str, str, Allocation]]:
     """The QAT study's allocations of the ``qat_arms`` families: HAWQ, anti and random of
     ``qat_solver`` at the QAT size, then ``uniform-b`` for each ``qat_uniform`` width (free
     blocks at b bits, pins kept)."""
-    solver, sens = s.exp.qat_solver, s.acfg.sensitivity
-    out = allocations(s, solver, sens, s.exp.qat_random, s.exp.qat_compression)
-    for b in s.exp.qat_uniform:
+    solver, sens, arms = s.exp.qat_solver, s.acfg.sensitivity, s.exp.qat_arms
+    n_random = s.exp.qat_random if "random" in arms else 0  # no solves for arms not trained
+    out = allocations(s, solver, sens, n_random, s.exp.qat_compression)
+    for b in s.exp.qat_uniform if "uniform" in arms else ():
         out.append((f"uniform-{b}", "uniform", uniform(s.problems[sens], s.acfg, b)))
-    return [a for a in out if a[1] in s.exp.qat_arms]
+    return [a for a in out if a[1] in arms]
 
 
 def plan_qat(s: Setup, res: dict) -> list[tuple[str, str, Allocation, int]]:

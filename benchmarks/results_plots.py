@@ -12,15 +12,30 @@ import numpy as np
 COLORS = {"hawq": "tab:green", "anti": "tab:red", "random": "tab:gray", "uniform": "tab:blue"}
 
 
-def qat_plot(res: dict, img_dir: Path, doc_dir: Path) -> str:
-    """Top-1 per seed of every QAT arm and every fine-tuning order (one column each, the mean
-    as a bar), with float32 as a line; returns the Markdown image link."""
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    img_dir.mkdir(parents=True, exist_ok=True)
+    return plt
+
+
+def _save(fig, path: Path, doc_dir: Path) -> str:
+    """Write ``fig`` to ``path`` (its folder created), close it; the Markdown link from the doc."""
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"![{path.stem}]({os.path.relpath(path, doc_dir)})"
+
+
+def qat_plot(res: dict, img_dir: Path, doc_dir: Path) -> str:
+    """Top-1 per seed of every QAT arm and every fine-tuning order (one column each, the mean
+    as a bar), with float32 as a line; returns the Markdown image link."""
+    plt = _pyplot()
     name = res["experiment"]["name"]
     runs = res["qat"]["runs"]
     groups = []
@@ -45,25 +60,16 @@ def qat_plot(res: dict, img_dir: Path, doc_dir: Path) -> str:
                  fontsize=9)  # fmt: skip
     ax.legend(fontsize=7)
     fig.tight_layout()
-    p = img_dir / f"{name}_qat_seeds.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    return f"![{p.stem}]({os.path.relpath(p, doc_dir)})"
+    return _save(fig, img_dir / f"{name}_qat_seeds.png", doc_dir)
 
 
 def plots(res: dict, img_dir: Path, doc_dir: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    img_dir.mkdir(parents=True, exist_ok=True)
+    plt = _pyplot()
     name = res["experiment"]["name"]
     rows = res["ptq"]["rows"]
-    colors = COLORS
     out = []
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for kind, c in colors.items():
+    for kind, c in COLORS.items():
         rs = [r for r in rows if r["kind"] == kind]
         ax.scatter(
             [r["size_mb"] for r in rs],
@@ -74,7 +80,7 @@ def plots(res: dict, img_dir: Path, doc_dir: Path) -> list[str]:
             alpha=0.8,
         )
     if "qat" in res:
-        for kind, c in colors.items():
+        for kind, c in COLORS.items():
             rs = [r for r in res["qat"]["runs"] if r["kind"] == kind]
             size = {r["name"]: r["size_mb"] for r in rows}
             pts = [(size.get(r["name"]), 100 * r["acc"]) for r in rs if r["name"] in size]
@@ -88,17 +94,14 @@ def plots(res: dict, img_dir: Path, doc_dir: Path) -> list[str]:
     ax.set_title(f"{name}: accuracy vs size (circles PTQ, triangles QAT)", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    p = img_dir / f"{name}_acc_vs_size.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    out.append(p)
+    out.append(_save(fig, img_dir / f"{name}_acc_vs_size.png", doc_dir))
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     alloc = [r for r in rows if r["kind"] != "uniform"]
     ref = next((r for r in alloc if r["kind"] == "hawq" and r["solver"] == "ilp"), None)
     ref_mb = (ref or alloc[0])["size_mb"] if alloc else 1.0
     same = [r for r in alloc if abs(r["size_mb"] / ref_mb - 1) <= 0.02]  # as in the doc
     for ax, key in zip(axes, ("omega_eigenvalue", "omega_trace"), strict=True):
-        for kind, c in colors.items():
+        for kind, c in COLORS.items():
             rs = [r for r in same if r["kind"] == kind]
             ax.scatter([r[key] for r in rs], [100 * r["acc"] for r in rs], c=c, label=kind, s=24)
         ax.set_xscale("log")
@@ -107,8 +110,5 @@ def plots(res: dict, img_dir: Path, doc_dir: Path) -> list[str]:
     axes[0].legend(fontsize=7)
     fig.suptitle(f"{name}: total Omega vs PTQ accuracy (same-size allocations)", fontsize=9)
     fig.tight_layout()
-    p = img_dir / f"{name}_omega_vs_acc.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    out.append(p)
-    return [f"![{p.stem}]({os.path.relpath(p, doc_dir)})" for p in out]
+    out.append(_save(fig, img_dir / f"{name}_omega_vs_acc.png", doc_dir))
+    return out
